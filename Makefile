@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, train MoE vs dense on the built-in corpus, write the report
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.moekit-installed
+
+.PHONY: demo test setup bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a looser requirement would pull a multi-GB CUDA build (see DEVELOPERS.md)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/moekit train --compare --out runs/compare
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/moekit bench layer --shape all
+
+clean:
+	rm -rf $(VENV) runs

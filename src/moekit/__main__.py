@@ -1,0 +1,3 @@
+from moekit.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Routing analysis: load statistics, collapse detection, specialization, plots and reports."""

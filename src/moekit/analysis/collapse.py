@@ -1,0 +1,57 @@
+"""Routing-collapse detection over the per-step expert loads the trainer logs.
+
+An expert is *dead* when its share of its layer's assignments stays below ``dead_threshold`` for
+``window`` consecutive steps; a layer is *hot* when one expert takes more than ``hot_threshold`` of
+the assignments for ``window`` consecutive steps. Each condition is reported once when it starts
+holding for a full window, and stays in ``active`` until it clears.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CollapseDetector"]
+
+
+class CollapseDetector:
+    def __init__(self, dead_threshold: float = 0.02, hot_threshold: float = 0.6, window: int = 50):
+        if not 0 <= dead_threshold < 1 or not 0 < hot_threshold <= 1:
+            raise ValueError(f"dead_threshold={dead_threshold} must be in [0,1) and hot_threshold="
+                             f"{hot_threshold} in (0,1]")
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        self.dead_threshold, self.hot_threshold, self.window = dead_threshold, hot_threshold, window
+        self._run: dict[tuple[str, str, int], int] = {}  # (layer, kind, expert) -> consecutive steps
+        self.active: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def update(self, step: int, tokens_per_expert: dict[str, list[int]]) -> list[dict[str, Any]]:
+        """Feed one step's loads ({layer: counts per expert}); return the events that fire now."""
+        fired = []
+        seen = set()
+        for layer, counts in tokens_per_expert.items():
+            total = sum(counts)
+            if total <= 0:
+                continue
+            for e, c in enumerate(counts):
+                share = c / total
+                for kind, cond in (("dead", share < self.dead_threshold), ("hot", share > self.hot_threshold)):
+                    key = (str(layer), kind, e)
+                    if not cond:
+                        continue
+                    seen.add(key)
+                    self._run[key] = self._run.get(key, 0) + 1
+                    if self._run[key] == self.window:
+                        what = (f"expert {e} of layer {layer} got {share:.1%} of assignments (< {self.dead_threshold:.0%})"
+                                if kind == "dead" else
+                                f"expert {e} of layer {layer} took {share:.1%} of assignments (> {self.hot_threshold:.0%})")
+                        ev = {"step": step, "layer": str(layer), "kind": kind, "expert": e, "share": share,
+                              "since_step": step - self.window + 1,
+                              "message": f"{what} for {self.window} steps"}
+                        self.active[key] = ev
+                        fired.append(ev)
+        for key in list(self._run):
+            if key not in seen:
+                del self._run[key]
+                self.active.pop(key, None)
+        self.events.extend(fired)
+        return fired

@@ -1,0 +1,1 @@
+"""Command-line interface: the only reader of argv, environment and devices."""

@@ -1,0 +1,44 @@
+"""The `moekit` entry point: dispatches `moekit COMMAND ...` to the command's own ``main(argv)``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["main", "COMMANDS"]
+
+# command -> (module with main(argv) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("moekit.cli.train", "train an MoE language model (default: built-in corpus); --compare vs dense"),
+    "generate": ("moekit.cli.generate", "sample text from a run directory"),
+    "bench": ("moekit.bench.cli", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
+    "spec": ("moekit.spec.cli", "total/active parameters, FLOPs and memory of a model"),
+    "demo": ("moekit.cli.demo", "a quick end-to-end MoE layer demo with real figures"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: moekit COMMAND [options]   (moekit COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from moekit import __version__
+
+        print(f"moekit {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"moekit: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""`moekit train`: flags come from the TrainConfig fields plus the model's MoE knobs.
+
+Precedence: built-in defaults < --config FILE < explicit flags. --resume takes the run's own configs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.config import ACTIVATIONS, DROP_POLICIES, ROUTERS, MoEConfig
+from moekit.nn.transformer import ModelConfig
+from moekit.train.config import TrainConfig
+
+__all__ = ["main", "default_model_config", "build_parser"]
+
+# model flag -> (ModelConfig or MoEConfig field, type, help)
+MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "d_model": ("d_model", int, "model width"),
+    "n_layers": ("n_layers", int, "transformer blocks"),
+    "n_heads": ("n_heads", int, "attention heads"),
+    "n_kv_heads": ("n_kv_heads", int, "key/value heads (grouped-query attention)"),
+    "experts": ("moe.num_experts", int, "routed experts per MoE layer"),
+    "top_k": ("moe.top_k", int, "experts per token"),
+    "router": ("moe.router", str, f"one of {ROUTERS}"),
+    "expert_hidden": ("moe.d_hidden", int, "hidden width of each expert"),
+    "activation": ("moe.activation", str, f"one of {ACTIVATIONS}"),
+    "capacity_factor": ("moe.capacity_factor", float, "expert capacity factor (omit for dropless)"),
+    "drop_policy": ("moe.drop_policy", str, f"one of {DROP_POLICIES}"),
+    "aux_loss_coef": ("moe.aux_loss_coef", float, "load-balancing loss weight"),
+    "z_loss_coef": ("moe.z_loss_coef", float, "router z-loss weight"),
+    "importance_loss_coef": ("moe.importance_loss_coef", float, "importance loss weight"),
+    "shared_experts": ("moe.num_shared_experts", int, "shared (always-on) experts"),
+    "moe_every": ("moe_every", int, "every n-th layer is MoE"),
+    "first_dense_layers": ("first_dense_layers", int, "first k layers are dense"),
+    "dense_hidden": ("dense_d_hidden", int, "hidden width of dense MLPs"),
+}
+
+
+def default_model_config(vocab_size: int = 4096) -> ModelConfig:
+    """The default MoE LM: Switch-style top-1 routing over 8 full-size experts (see README)."""
+    d = 128
+    return ModelConfig(vocab_size=vocab_size, d_model=d, n_layers=4, n_heads=4, max_seq_len=1024,
+                       moe=MoEConfig(d_model=d, d_hidden=4 * d, num_experts=8, top_k=1, router="switch"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit train", description="Train an MoE language model.",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--out", help="run directory (default runs/moe, runs/compare with --compare)")
+    p.add_argument("--config", help="JSON run config: {\"model\": {...}, \"train\": {...}} (flags override)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR up to --steps")
+    p.add_argument("--dense", action="store_true", help="train the dense baseline (same active parameters)")
+    p.add_argument("--compare", action="store_true", help="train MoE and dense with the same data/steps/seed")
+    p.add_argument("--seeds", type=int, help="with --compare: number of seed pairs (default 1)")
+    p.add_argument("--init-from", help="start from the weights of a run directory")
+    g = p.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            if f.name in ("threads",):
+                typ = int
+            g.add_argument(flag, type=typ, help=f"default {f.default!r}")
+    m = p.add_argument_group("model")
+    for flag, (_, typ, help_) in MODEL_FLAGS.items():
+        m.add_argument("--" + flag.replace("_", "-"), type=typ, help=help_)
+    m.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction)
+    return p
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        d = d.setdefault(k, {})
+    d[leaf] = value
+
+
+def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    given = vars(ns)
+    file_cfg: dict[str, Any] = {}
+    if "config" in given:
+        try:
+            file_cfg = json.loads(Path(given["config"]).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"moekit train: cannot read --config {given['config']}: {e}")
+    train_d = TrainConfig().to_dict() | file_cfg.get("train", {})
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_d |= {k: v for k, v in given.items() if k in train_names}
+    tcfg = TrainConfig.from_dict(train_d)
+    model_d = default_model_config(tcfg.vocab_size).to_dict()
+    model_d.pop("model_type")
+    for k, v in file_cfg.get("model", {}).items():
+        if k == "moe":
+            model_d["moe"].update(v)
+        else:
+            model_d[k] = v
+    for flag, (field, _, _) in MODEL_FLAGS.items():
+        if flag in given:
+            _set(model_d, field, given[flag])
+    if "tie_embeddings" in given:
+        model_d["tie_embeddings"] = given["tie_embeddings"]
+    model_d["moe"]["d_model"] = model_d["d_model"]
+    model_d["vocab_size"] = tcfg.vocab_size
+    model_d["max_seq_len"] = max(model_d.get("max_seq_len", 0), tcfg.seq_len)
+    mcfg = ModelConfig.from_dict(model_d)
+    return mcfg, tcfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    given = vars(ns)
+    from moekit.data import prepare_data
+    from moekit.train.checkpoint import CheckpointError
+    from moekit.train.compare import compare, dense_baseline, format_summary
+    from moekit.train.loop import RoutingCollapsed, TrainingDiverged, train
+
+    try:
+        if "resume" in given:
+            run = Path(given["resume"])
+            if not (run / "config.json").is_file():
+                print(f"moekit train: --resume {run}: no config.json there; not a moekit run directory",
+                      file=sys.stderr)
+                return 2
+            mcfg = ModelConfig.from_json(run / "config.json")
+            tcfg = TrainConfig.from_json(run / "train_config.json")
+            overrides = {k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+            tcfg = tcfg.replace(**overrides)
+        else:
+            mcfg, tcfg = resolve_configs(ns)
+        torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+        if "resume" in given:
+            data = prepare_data(run / "data", tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes)
+            res = train(mcfg, tcfg, run, data, resume=True, label=run.name)
+            _report(res)
+            return 130 if res.interrupted else 0
+        default_out = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
+        out = Path(given.get("out", default_out))
+        data_dir = out / "data"
+        data = prepare_data(data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes)
+        if data.vocab_size != mcfg.vocab_size:
+            mcfg = mcfg.replace(vocab_size=data.vocab_size)
+        print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
+              f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
+        if "compare" in given:
+            summary = compare(mcfg, tcfg, out, data, seeds=given.get("seeds", 1))
+            print(format_summary(summary))
+            print(f"summary: {out / 'summary.json'}")
+            _maybe_report(out, summary)
+            return 0
+        if "dense" in given:
+            mcfg = dense_baseline(mcfg)
+        init_state = None
+        if "init_from" in given:
+            from moekit.train.init import load_init_state
+
+            init_state = load_init_state(given["init_from"], mcfg)
+        res = train(mcfg, tcfg, out, data, init_state=init_state, label=out.name)
+        _report(res)
+        return 130 if res.interrupted else 0
+    except (TrainingDiverged, RoutingCollapsed, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _report(res) -> None:
+    val = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
+    print(f"run {res.run_dir}: step {res.step}, train loss {res.final_loss:.4f}, val loss {val}, "
+          f"{res.tokens_per_s:,.0f} tokens/s, {res.wall_s:.0f}s, total params {res.params['total_params']:,}, "
+          f"active {res.params['active_params']:,}")
+
+
+def _maybe_report(out: Path, summary: dict) -> None:
+    """Write the HTML report of the comparison when the analysis package provides it."""
+    try:
+        from moekit.analysis.report import write_report
+    except ImportError:
+        return
+    runs = [Path(r["run_dir"]) for r in summary["moe"]["per_seed"][:1] + summary["dense"]["per_seed"][:1]]
+    path = write_report(runs, out / "report")
+    print(f"report: {path}")

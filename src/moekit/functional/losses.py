@@ -1,0 +1,73 @@
+"""Balancing losses as pure functions.
+
+Legend: T tokens, E experts, K top-k, B sequences.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["load_balancing_loss", "sequence_balancing_loss", "z_loss", "importance_loss", "expert_bias_update"]
+
+
+def load_balancing_loss(probs: Tensor, expert_indices: Tensor, num_experts: int) -> Tensor:
+    """Switch/GShard balance loss E * sum_e f_e * P_e.
+
+    probs: (T, E) router probabilities; expert_indices: (T, K) chosen experts (before any drop).
+    f_e = share of the T*K assignments that go to e, P_e = mean over tokens of p_e.
+    1.0 for uniform routing, E for total collapse onto one expert.
+    """
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    counts_E = torch.bincount(expert_indices.reshape(-1), minlength=num_experts).to(probs.dtype)
+    f_E = counts_E / expert_indices.numel()
+    P_E = probs.mean(dim=0)
+    return num_experts * (f_E * P_E).sum()
+
+
+def sequence_balancing_loss(probs: Tensor, expert_indices: Tensor, seq_ids: Tensor, num_seqs: int,
+                            num_experts: int) -> Tensor:
+    """DeepSeek-V3 sequence-wise balance loss: the balance loss per sequence, averaged over sequences.
+
+    probs: (T, E); expert_indices: (T, K); seq_ids: (T,) sequence of each (non-padding) token.
+    Sequences with no tokens are left out of the mean.
+    """
+    T, E = probs.shape
+    K = expert_indices.shape[1]
+    if T == 0:
+        return probs.new_zeros(())
+    tokens_B = torch.bincount(seq_ids, minlength=num_seqs).to(probs.dtype)
+    counts_BE = torch.zeros(num_seqs, E, dtype=probs.dtype, device=probs.device)
+    counts_BE.index_put_((seq_ids.repeat_interleave(K), expert_indices.reshape(-1)),
+                         torch.ones((), dtype=probs.dtype, device=probs.device).expand(T * K), accumulate=True)
+    P_BE = torch.zeros(num_seqs, E, dtype=probs.dtype, device=probs.device).index_add(0, seq_ids, probs)
+    present_B = tokens_B > 0
+    denom_B = tokens_B.clamp_min(1)
+    f_BE = counts_BE / (denom_B * K).unsqueeze(1)
+    P_BE = P_BE / denom_B.unsqueeze(1)
+    per_seq_B = num_experts * (f_BE * P_BE).sum(dim=1)
+    return per_seq_B[present_B].mean()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(l)^2. logits: (T, E)."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def importance_loss(gates: Tensor) -> Tensor:
+    """Shazeer 2017 importance loss: squared coefficient of variation of per-expert gate sums.
+
+    gates: (T, E) combine weights, zero where an expert was not chosen. Population variance.
+    """
+    importance_E = gates.sum(dim=0)
+    mean = importance_E.mean()
+    var = importance_E.var(unbiased=False)
+    return var / (mean.square() + 1e-10)
+
+
+def expert_bias_update(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> Tensor:
+    """Aux-loss-free balancing (DeepSeek-V3): bias + rate * sign(mean_load - load_e)."""
+    load_E = tokens_per_expert.to(bias.dtype)
+    return bias + rate * torch.sign(load_E.mean() - load_E)

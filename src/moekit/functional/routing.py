@@ -1,0 +1,184 @@
+"""Routing maths as pure functions: scores -> (expert, token, weight) assignments.
+
+Legend: T tokens, D model dim, E experts, K top-k, A assignments ((token, expert) pairs), C capacity.
+
+Every router produces a :class:`Routing`. Token-choice routers fill ``indices_TK``/``weights_TK``
+(rank order: column 0 is each token's first choice); expert choice and the dense mixture produce
+their assignment lists directly. :func:`assignments` flattens both kinds to one format, and
+:func:`apply_capacity` drops assignments beyond each expert's C slots.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Routing",
+    "Assignments",
+    "topk_route",
+    "noisy_topk_route",
+    "sigmoid_bias_route",
+    "expert_choice_route",
+    "dense_route",
+    "assignments",
+    "capacity",
+    "apply_capacity",
+]
+
+
+@dataclass
+class Routing:
+    """Result of a router. ``probs_TE`` is what the balance loss uses as P (before drops)."""
+
+    logits_TE: Tensor  # fp32 router logits
+    probs_TE: Tensor  # softmax(l), or normalised sigmoid scores (sigmoid_bias)
+    indices_TK: Tensor | None = None  # token-choice picks, rank order
+    weights_TK: Tensor | None = None  # their combine weights
+    token_A: Tensor | None = None  # expert choice / dense: assignment lists
+    expert_A: Tensor | None = None
+    weight_A: Tensor | None = None
+
+
+@dataclass
+class Assignments:
+    """Flat (token, expert, weight) pairs; ``rank_A`` is the router's choice order (0 = first)."""
+
+    token_A: Tensor  # int64
+    expert_A: Tensor  # int64
+    weight_A: Tensor  # fp32, differentiable
+    rank_A: Tensor  # int64
+
+    def select(self, keep_A: Tensor) -> "Assignments":
+        return Assignments(self.token_A[keep_A], self.expert_A[keep_A], self.weight_A[keep_A], self.rank_A[keep_A])
+
+
+def topk_route(logits_TE: Tensor, k: int, *, normalize: bool) -> Routing:
+    """Softmax top-k (Mixtral, GShard; Switch is k=1, normalize=False).
+
+    weights = the k largest p = softmax(l), renormalised to sum 1 when ``normalize``.
+    """
+    probs_TE = logits_TE.softmax(dim=-1)
+    weights_TK, indices_TK = probs_TE.topk(k, dim=-1)  # sorted: rank order
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return Routing(logits_TE, probs_TE, indices_TK, weights_TK)
+
+
+def noisy_topk_route(logits_TE: Tensor, noise_std_TE: Tensor | None, k: int, generator=None) -> Routing:
+    """Noisy top-k gating (Shazeer et al. 2017).
+
+    l' = l + N(0, 1) * noise_std (noise_std = softplus(x @ w_noise.T), None in eval);
+    top-k of l', weights = softmax over the k selected l'. P for the balance loss is softmax(l).
+    """
+    noisy_TE = logits_TE
+    if noise_std_TE is not None:
+        eps_TE = torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device, dtype=logits_TE.dtype)
+        noisy_TE = logits_TE + eps_TE * noise_std_TE
+    top_TK, indices_TK = noisy_TE.topk(k, dim=-1)
+    return Routing(logits_TE, logits_TE.softmax(dim=-1), indices_TK, top_TK.softmax(dim=-1))
+
+
+def sigmoid_bias_route(
+    logits_TE: Tensor,
+    bias_E: Tensor,
+    k: int,
+    *,
+    normalize: bool = True,
+    scaling: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> Routing:
+    """DeepSeek-V3 routing: s = sigmoid(l); pick top-k of s + bias; weights = chosen s normalised, * scaling.
+
+    The bias only chooses (no gradient flows through it). With ``n_group > 1`` only experts in the
+    ``topk_group`` groups with the largest sum of their two best biased scores are eligible.
+    """
+    scores_TE = logits_TE.sigmoid()
+    choice_TE = scores_TE.detach() + bias_E.to(scores_TE.dtype)
+    if n_group > 1:
+        T, E = choice_TE.shape
+        grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+        group_score_TG = grouped_TGe.topk(min(2, E // n_group), dim=-1).values.sum(-1)
+        best_groups = group_score_TG.topk(topk_group, dim=-1).indices
+        group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+        expert_mask_TE = group_mask_TG.repeat_interleave(E // n_group, dim=1)
+        choice_TE = choice_TE.masked_fill(~expert_mask_TE, float("-inf"))
+    # rank order = order of s + bias
+    indices_TK = choice_TE.topk(k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, indices_TK)
+    if normalize:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    weights_TK = weights_TK * scaling
+    probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(logits_TE, probs_TE, indices_TK, weights_TK)
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """C = min(n, ceil(capacity_factor * n * k / E)) slots per expert."""
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens * k / num_experts))
+
+
+def expert_choice_route(logits_TE: Tensor, k: int, capacity_factor: float | None) -> Routing:
+    """Expert choice (Zhou et al. 2022): each expert takes its C highest-s tokens, s = softmax(l).
+
+    C = min(n, ceil(capacity_factor * n * k / E)), capacity_factor defaulting to 1. A token may be
+    taken by several experts or by none.
+    """
+    T, E = logits_TE.shape
+    probs_TE = logits_TE.softmax(dim=-1)
+    C = capacity(T, E, k, 1.0 if capacity_factor is None else capacity_factor)
+    weight_EC, token_EC = probs_TE.t().topk(C, dim=-1)
+    expert_EC = torch.arange(E, device=logits_TE.device).unsqueeze(1).expand(E, C)
+    return Routing(logits_TE, probs_TE, token_A=token_EC.reshape(-1), expert_A=expert_EC.reshape(-1),
+                   weight_A=weight_EC.reshape(-1))
+
+
+def dense_route(logits_TE: Tensor) -> Routing:
+    """Soft mixture of experts (Jacobs et al. 1991): every expert computes, weights = p."""
+    T, E = logits_TE.shape
+    probs_TE = logits_TE.softmax(dim=-1)
+    dev = logits_TE.device
+    token_A = torch.arange(T, device=dev).repeat_interleave(E)
+    expert_A = torch.arange(E, device=dev).repeat(T)
+    return Routing(logits_TE, probs_TE, token_A=token_A, expert_A=expert_A, weight_A=probs_TE.reshape(-1))
+
+
+def assignments(routing: Routing) -> Assignments:
+    """Flatten a routing to (token, expert, weight, rank) lists; token-major for token choice."""
+    if routing.indices_TK is not None:
+        T, K = routing.indices_TK.shape
+        dev = routing.indices_TK.device
+        token_A = torch.arange(T, device=dev).repeat_interleave(K)
+        rank_A = torch.arange(K, device=dev).repeat(T)
+        return Assignments(token_A, routing.indices_TK.reshape(-1), routing.weights_TK.reshape(-1), rank_A)
+    assert routing.token_A is not None, "routing has neither top-k picks nor an assignment list"
+    return Assignments(routing.token_A, routing.expert_A, routing.weight_A, torch.zeros_like(routing.token_A))
+
+
+def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int, policy: str) -> Tensor:
+    """Boolean keep mask (A,) leaving each expert at most ``cap`` assignments.
+
+    ``position`` (GShard): an expert keeps the earliest tokens, all first choices before any
+    second choice. ``probs``: an expert keeps its ``cap`` highest-weight assignments.
+    """
+    if policy == "position":
+        priority_A = (a.rank_A * num_tokens + a.token_A).to(torch.float64)
+    elif policy == "probs":
+        priority_A = -a.weight_A.detach().to(torch.float64)
+    else:
+        raise ValueError(f"drop_policy={policy!r} is unknown; choose 'probs' or 'position'")
+    # 1. order by priority, then (stably) by expert: each expert's assignments become a
+    #    contiguous run sorted by priority
+    order = priority_A.argsort(stable=True)
+    order = order[a.expert_A[order].argsort(stable=True)]
+    # 2. position of every assignment inside its expert's run
+    counts_E = torch.bincount(a.expert_A, minlength=num_experts)
+    starts_E = counts_E.cumsum(0) - counts_E
+    pos_sorted = torch.arange(order.numel(), device=order.device) - starts_E[a.expert_A[order]]
+    keep_A = torch.empty_like(a.expert_A, dtype=torch.bool)
+    keep_A[order] = pos_sorted < cap
+    return keep_A

@@ -1,0 +1,109 @@
+"""Causal grouped-query self-attention with RoPE and an optional KV cache; RMSNorm.
+
+Legend: B batch, S query length, L key length (cache + S), Hq query heads, Hk kv heads, d head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RMSNorm", "Attention", "KVCache", "rope_cos_sin", "apply_rope", "build_attn_mask"]
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions_BS: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rotary tables (B, S, d) in the 'rotate half' layout (first half pairs with second half)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions_BS.device) / head_dim))
+    freqs_BSh = positions_BS.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs_BSh, freqs_BSh], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_BHSd: Tensor, cos_BSd: Tensor, sin_BSd: Tensor) -> Tensor:
+    cos, sin = cos_BSd.unsqueeze(1), sin_BSd.unsqueeze(1)
+    x1, x2 = x_BHSd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BHSd * cos + rotated * sin
+
+
+class KVCache:
+    """Per-layer key/value tensors (B, Hk, L, d) that grow by concatenation during decoding."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.mask: Tensor | None = None  # (B, L) key padding mask of everything cached so far
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def build_attn_mask(key_mask_BL: Tensor | None, S: int, L: int, device) -> Tensor | None:
+    """Boolean (B, 1, S, L) mask: causal over the last S of L keys, minus padded keys.
+
+    Every query may always see itself, so a fully padded row never turns into NaN.
+    """
+    q_pos = torch.arange(L - S, L, device=device).unsqueeze(1)
+    k_pos = torch.arange(L, device=device).unsqueeze(0)
+    causal_SL = k_pos <= q_pos
+    if key_mask_BL is None:
+        return None if S == L else causal_SL
+    allowed = causal_SL.unsqueeze(0) & key_mask_BL.bool().unsqueeze(1)
+    allowed = allowed | (k_pos == q_pos).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Causal GQA with RoPE (scaled_dot_product_attention); optional q/k RMSNorm per head."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
+                 qk_norm: bool = False, norm_eps: float = 1e-6):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        is_causal = mask is None and k.shape[2] == S
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

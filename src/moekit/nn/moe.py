@@ -1,0 +1,208 @@
+"""MoELayer: router + dispatcher + grouped experts (+ shared experts), the drop-in FFN replacement.
+
+Legend: T tokens (all leading dims flattened), n routed (non-padding) tokens, D model dim,
+E experts, K top-k, A assignments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.functional import losses as L
+from moekit.functional import routing as R
+from moekit.functional.dispatch import sort_by_expert
+from moekit.nn.experts import MLP, GroupedExperts
+from moekit.nn.router import Router
+
+__all__ = ["MoELayer", "MoEOutput", "MoEStats", "SharedExperts"]
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of one call, detached; padding tokens are not counted anywhere."""
+
+    tokens_per_expert: Tensor  # (E,) assignments computed by each expert (after drops)
+    dropped: Tensor  # () assignments dropped by the capacity limit
+    num_assignments: Tensor  # () assignments before drops
+    num_tokens: int  # routed (non-padding) tokens
+    balance_loss: Tensor
+    z_loss: Tensor
+    importance_loss: Tensor
+    router_entropy: Tensor  # mean over tokens of the entropy of p (nats)
+
+    @property
+    def drop_rate(self) -> Tensor:
+        return self.dropped / self.num_assignments.clamp_min(1)
+
+    def to_dict(self) -> dict:
+        """Plain Python numbers for logging (syncs: call outside the hot path)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.tolist() if isinstance(v, Tensor) else v
+        out["drop_rate"] = float(self.drop_rate)
+        return out
+
+
+@dataclass
+class MoEOutput:
+    output: Tensor  # same shape and dtype as the input
+    aux_loss: Tensor  # () weighted sum of the balancing terms; the caller adds it to its loss
+    stats: MoEStats
+
+
+class SharedExperts(nn.Module):
+    """Dense MLP every token passes through (DeepSeekMoE, Qwen2-MoE), optionally sigmoid-gated per token."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.mlp = MLP(cfg.d_model, cfg.shared_hidden_total, cfg.activation)
+        self.gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        y_TD = self.mlp(x_TD)
+        if self.gate is not None:
+            y_TD = torch.sigmoid(self.gate(x_TD)) * y_TD
+        return y_TD
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts feed-forward layer.
+
+    ``layer(x, token_mask=None) -> MoEOutput``; x: (..., D). With a (B, S, D) input and
+    ``cfg.seq_aux`` the balance term is computed per sequence (DeepSeek-V3).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_hidden, cfg.activation, cfg.expert_impl)
+        self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
+
+    def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """Initialise every parameter.
+
+        | parameter                      | init                         |
+        |--------------------------------|------------------------------|
+        | router.weight                  | N(0, std)                    |
+        | router.w_noise (noisy_topk)    | 0 (noise starts at softplus(0)) |
+        | router.expert_bias (buffer)    | 0                            |
+        | experts.w_gate, experts.w_up   | N(0, std)                    |
+        | experts.w_down                 | N(0, out_std or std)         |
+        | shared_experts.*               | N(0, std); down_proj out_std |
+        """
+        self.router.reset_parameters(std)
+        self.experts.reset_parameters(std, out_std if out_std is not None else std)
+        if self.shared_experts is not None:
+            for name, p in self.shared_experts.named_parameters():
+                nn.init.normal_(p, std=(out_std or std) if "down_proj" in name else std)
+
+    # -- validation ---------------------------------------------------------------------------------
+    def _check(self, x: Tensor, token_mask: Tensor | None) -> None:
+        if not torch.is_floating_point(x):
+            raise ValueError(f"MoELayer input must be a floating tensor, got dtype={x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"MoELayer input last dim must be d_model={self.cfg.d_model}, got shape {tuple(x.shape)}"
+            )
+        if token_mask is not None and tuple(token_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"token_mask shape {tuple(token_mask.shape)} must equal x.shape[:-1]={tuple(x.shape[:-1])}"
+            )
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
+        self._check(x, token_mask)
+        cfg = self.cfg
+        E, D = cfg.num_experts, cfg.d_model
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        seq_ids_T = None
+        if x.dim() == 3 and cfg.seq_aux:
+            B, S = x.shape[:2]
+            seq_ids_T = torch.arange(B, device=x.device).repeat_interleave(S)
+        # 1. drop padding: it is neither routed, nor computed, nor counted
+        valid_n = None
+        if token_mask is not None:
+            valid_n = token_mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)
+            x_nD = x_TD.index_select(0, valid_n)
+            if seq_ids_T is not None:
+                seq_ids_T = seq_ids_T[valid_n]
+        else:
+            x_nD = x_TD
+        n = x_nD.shape[0]
+        # 2. route in fp32
+        routing = self.router(x_nD)
+        a = R.assignments(routing)
+        num_assign = a.token_A.numel()
+        # 3. capacity: drop assignments beyond each expert's C slots
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        if cfg.capacity_factor is not None and cfg.is_token_choice and n > 0:
+            cap = R.capacity(n, E, cfg.top_k, cfg.capacity_factor)
+            keep_A = R.apply_capacity(a, E, n, cap, cfg.drop_policy)
+            dropped = (~keep_A).sum()
+            a = a.select(keep_A)
+        # 4. group by expert, run experts, weighted combine
+        d = sort_by_expert(a.token_A, a.expert_A, a.weight_A, E)
+        y_nD = self.experts(x_nD, d)
+        if self.shared_experts is not None:
+            y_nD = y_nD + self.shared_experts(x_nD)
+        # a NaN/inf token must not vanish silently (e.g. dropped or untaken): propagate it
+        y_nD = y_nD + (routing.logits_TE.sum(dim=-1, keepdim=True) * 0).to(y_nD.dtype)
+        # 5. scatter back over padding
+        if valid_n is not None:
+            y_TD = torch.zeros_like(x_TD).index_copy(0, valid_n, y_nD)
+        else:
+            y_TD = y_nD
+        aux, stats = self._losses(routing, a, d.counts_E, dropped, num_assign, n, seq_ids_T,
+                                  x.shape[0] if seq_ids_T is not None else 1)
+        return MoEOutput(y_TD.reshape(x.shape), aux, stats)
+
+    def _losses(self, routing: R.Routing, a: R.Assignments, counts_E: Tensor, dropped: Tensor, num_assign: int,
+                n: int, seq_ids_T: Tensor | None, num_seqs: int) -> tuple[Tensor, MoEStats]:
+        cfg = self.cfg
+        E = cfg.num_experts
+        logits_TE, probs_TE = routing.logits_TE, routing.probs_TE
+        zero = logits_TE.new_zeros(())
+        if routing.indices_TK is not None and n > 0:
+            if seq_ids_T is not None:
+                balance = L.sequence_balancing_loss(probs_TE, routing.indices_TK, seq_ids_T, num_seqs, E)
+            else:
+                balance = L.load_balancing_loss(probs_TE, routing.indices_TK, E)
+        else:
+            balance = zero  # expert choice and dense are balanced by construction
+        z = L.z_loss(logits_TE)
+        if routing.indices_TK is not None:
+            gates_TE = torch.zeros_like(probs_TE).scatter(1, routing.indices_TK, routing.weights_TK)
+        else:
+            gates_TE = torch.zeros_like(probs_TE).index_put((routing.token_A, routing.expert_A),
+                                                            routing.weight_A, accumulate=True)
+        importance = L.importance_loss(gates_TE) if n > 0 else zero
+        aux = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z + cfg.importance_loss_coef * importance
+        with torch.no_grad():
+            p = probs_TE if cfg.router != "sigmoid_bias" else probs_TE
+            entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean() if n > 0 else zero
+        stats = MoEStats(
+            tokens_per_expert=counts_E.detach(),
+            dropped=dropped.detach(),
+            num_assignments=torch.tensor(num_assign, device=counts_E.device),
+            num_tokens=n,
+            balance_loss=balance.detach(),
+            z_loss=z.detach(),
+            importance_loss=importance.detach(),
+            router_entropy=entropy,
+        )
+        return aux, stats
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: Tensor) -> None:
+        """Aux-loss-free balancing step: bias_e += bias_update_rate * sign(mean_load - load_e)."""
+        if self.router.expert_bias is None:
+            raise ValueError(
+                f"update_expert_bias needs router='sigmoid_bias' (this layer has router={self.cfg.router!r})"
+            )
+        b = self.router.expert_bias
+        b.copy_(L.expert_bias_update(b, tokens_per_expert.to(b.device), self.cfg.bias_update_rate))

@@ -1,0 +1,62 @@
+"""The router module: holds the router weights and calls the pure routing functions.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.functional import routing as R
+
+__all__ = ["Router"]
+
+
+class Router(nn.Module):
+    """Scores tokens against experts in fp32, whatever the input dtype.
+
+    Parameters: ``weight`` (E, D); ``w_noise`` (E, D) for ``noisy_topk``; buffer ``expert_bias`` (E,)
+    for ``sigmoid_bias`` (chooses experts, receives no gradient, updated by ``update_expert_bias``).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D = cfg.num_experts, cfg.d_model
+        self.weight = nn.Parameter(torch.empty(E, D))
+        self.w_noise = nn.Parameter(torch.zeros(E, D)) if cfg.router == "noisy_topk" else None
+        if cfg.router == "sigmoid_bias":
+            self.register_buffer("expert_bias", torch.zeros(E))
+        else:
+            self.expert_bias = None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+        if self.w_noise is not None:
+            nn.init.zeros_(self.w_noise)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+    def forward(self, x_TD: Tensor) -> R.Routing:
+        cfg = self.cfg
+        x32_TD = x_TD.float()
+        if self.training and cfg.router_jitter > 0:
+            eps = cfg.router_jitter
+            x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = x32_TD @ self.weight.float().t()
+        if cfg.router in ("topk", "switch"):
+            return R.topk_route(logits_TE, cfg.top_k, normalize=cfg.norm_topk and cfg.router == "topk")
+        if cfg.router == "noisy_topk":
+            std_TE = F.softplus(x32_TD @ self.w_noise.float().t()) if self.training else None
+            return R.noisy_topk_route(logits_TE, std_TE, cfg.top_k)
+        if cfg.router == "sigmoid_bias":
+            return R.sigmoid_bias_route(
+                logits_TE, self.expert_bias, cfg.top_k, normalize=cfg.norm_topk,
+                scaling=cfg.routed_scaling_factor, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            )
+        if cfg.router == "expert_choice":
+            return R.expert_choice_route(logits_TE, cfg.top_k, cfg.capacity_factor)
+        return R.dense_route(logits_TE)

@@ -1,0 +1,1 @@
+"""Fast paths, one op per file, each tested against moekit.functional."""
