@@ -16,6 +16,7 @@ TOKEN_CHOICE_ROUTERS = ("topk", "switch", "noisy_topk", "sigmoid_bias")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 DROP_POLICIES = ("probs", "position")
 EXPERT_IMPLS = ("fused", "loop")
+SCORE_FUNCS = ("sigmoid", "softmax")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class MoEConfig:
     shared_d_hidden: int | None = None  # per shared expert; None = d_hidden
     shared_gate: bool = False
     expert_impl: str = "fused"  # "fused" autograd op or "loop" readable reference
+    # sigmoid_bias only: the scores that are biased to choose and gathered as weights. "sigmoid" is
+    # DeepSeek-V3; "softmax" is ERNIE 4.5 (renormalised by sum.clamp_min(1e-12) instead of sum + 1e-20)
+    score_func: str = "sigmoid"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -69,6 +73,8 @@ class MoEConfig:
             raise ValueError(f"drop_policy={self.drop_policy!r} is unknown; choose one of {DROP_POLICIES}")
         if self.expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"expert_impl={self.expert_impl!r} is unknown; choose one of {EXPERT_IMPLS}")
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={self.score_func!r} is unknown; choose one of {SCORE_FUNCS}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k!r} must be in [1, num_experts={self.num_experts}]")
         if self.router == "switch" and self.top_k != 1:

@@ -4,12 +4,15 @@ An expert is *dead* when its share of its layer's assignments stays below ``dead
 ``window`` consecutive steps; a layer is *hot* when one expert takes more than ``hot_threshold`` of
 the assignments for ``window`` consecutive steps. Each condition is reported once when it starts
 holding for a full window, and stays in ``active`` until it clears.
+
+``replay_collapse`` runs the same detector offline over a logged run (e.g. with other thresholds).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["CollapseDetector"]
+__all__ = ["CollapseDetector", "replay_collapse"]
 
 
 class CollapseDetector:
@@ -55,3 +58,16 @@ class CollapseDetector:
                 self.active.pop(key, None)
         self.events.extend(fired)
         return fired
+
+
+def replay_collapse(step_S: Sequence[int], counts_by_layer: Mapping[str, Any], dead_threshold: float = 0.02,
+                    hot_threshold: float = 0.6, window: int = 50) -> list[dict[str, Any]]:
+    """Feed logged loads ({layer: counts (S, E)}, rows aligned with step_S) through a fresh detector.
+
+    Gives the events the trainer would have logged with these thresholds (when every step was logged).
+    """
+    det = CollapseDetector(dead_threshold, hot_threshold, window)
+    rows = {layer: [list(map(int, row)) for row in counts] for layer, counts in counts_by_layer.items()}
+    for i, step in enumerate(step_S):
+        det.update(int(step), {layer: r[i] for layer, r in rows.items()})
+    return det.events

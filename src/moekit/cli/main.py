@@ -13,6 +13,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moekit.bench.cli", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
     "spec": ("moekit.spec.cli", "total/active parameters, FLOPs and memory of a model"),
     "demo": ("moekit.cli.demo", "a quick end-to-end MoE layer demo with real figures"),
+    "convert": ("moekit.cli.convert", "convert a moekit run directory <-> a Hugging Face model directory"),
+    "inspect": ("moekit.cli.inspect", "what each expert is routed: top tokens, kinds of text, expert persistence"),
+    "report": ("moekit.cli.report", "HTML report of runs: losses, expert load, routing health, specialization"),
 }
 
 
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"moekit: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from moekit.cli.runtime import keep_freed_memory
+
+    keep_freed_memory()  # large activations are reused instead of re-faulted every step
     module = importlib.import_module(COMMANDS[cmd][0])
     return int(module.main(rest) or 0)
 

@@ -5,8 +5,11 @@ Precedence: built-in defaults < --config FILE < explicit flags. --resume takes t
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_, typ, help_) in MODEL_FLAGS.items():
         m.add_argument("--" + flag.replace("_", "-"), type=typ, help=help_)
     m.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction)
+    d = p.add_argument_group("distributed (issue 7): expert parallel x data parallel")
+    d.add_argument("--ep", type=int, help="expert-parallel size: each MoE layer's experts split over this "
+                   "many ranks; the rest of the world is data parallel (default 1)")
+    d.add_argument("--nproc", type=int, help="run on this many local processes (wraps torchrun; CPU: gloo)")
+    d.add_argument("--dist-timeout", type=float, help="seconds a collective waits for a silent rank "
+                   "(default 300)")
     return p
 
 
@@ -117,6 +126,8 @@ def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     given = vars(ns)
+    if "nproc" in given:  # [issue 7] re-run this very command under torchrun with --nproc processes
+        return _launch_torchrun(list(sys.argv[1:] if argv is None else argv), given["nproc"])
     from moekit.data import prepare_data
     from moekit.train.checkpoint import CheckpointError
     from moekit.train.compare import compare, dense_baseline, format_summary
@@ -136,15 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             mcfg, tcfg = resolve_configs(ns)
         torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+        # [issue 7] expert/data parallel under torchrun, or a DCP run resumed on one process; None = plain run
+        dctx = _distributed_context(given, Path(given["resume"] if "resume" in given else
+                                                given.get("out", "runs/moe")))
         if "resume" in given:
-            data = prepare_data(run / "data", tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes)
-            res = train(mcfg, tcfg, run, data, resume=True, label=run.name)
+            data = _rank0_first(dctx, lambda: prepare_data(run / "data", tcfg.data, tcfg.vocab_size,
+                                                           tcfg.max_data_bytes))
+            res = train(mcfg, tcfg, _rank_dir(run, dctx), data, resume=True, label=run.name, dist=dctx)
             _report(res)
             return 130 if res.interrupted else 0
         default_out = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
         out = Path(given.get("out", default_out))
         data_dir = out / "data"
-        data = prepare_data(data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes)
+        data = _rank0_first(dctx, lambda: prepare_data(data_dir, tcfg.data, tcfg.vocab_size,
+                                                       tcfg.max_data_bytes))  # [issue 7]
         if data.vocab_size != mcfg.vocab_size:
             mcfg = mcfg.replace(vocab_size=data.vocab_size)
         print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
@@ -162,10 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             from moekit.train.init import load_init_state
 
             init_state = load_init_state(given["init_from"], mcfg)
-        res = train(mcfg, tcfg, out, data, init_state=init_state, label=out.name)
+        res = train(mcfg, tcfg, _rank_dir(out, dctx), data, init_state=init_state, label=out.name, dist=dctx)
         _report(res)
         return 130 if res.interrupted else 0
     except (TrainingDiverged, RoutingCollapsed, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # [issue 7] a collective failed: a rank died, hung, or disagrees
+        from moekit.parallel import CollectiveError
+
+        if not isinstance(e, CollectiveError):
+            raise
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
 
@@ -186,3 +209,73 @@ def _maybe_report(out: Path, summary: dict) -> None:
     runs = [Path(r["run_dir"]) for r in summary["moe"]["per_seed"][:1] + summary["dense"]["per_seed"][:1]]
     path = write_report(runs, out / "report")
     print(f"report: {path}")
+
+
+# -- issue 7: expert parallel x data parallel ------------------------------------------------------------
+
+
+def _launch_torchrun(argv: list[str], nproc: int) -> int:
+    """``moekit train --nproc N ARGS`` = ``torchrun --standalone --nproc-per-node N -m moekit train ARGS``."""
+    if nproc < 1:
+        print(f"moekit train: error: --nproc={nproc} must be >= 1", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "moekit", "train", *rest]
+    print("moekit train: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def _distributed_context(given: dict[str, Any], run_dir: Path):
+    """A DistributedContext when started by torchrun (WORLD_SIZE in the environment), or when resuming a
+    DCP run on one process; None for a plain single-process run."""
+    from moekit.train.distributed import DCP_DIR, DistributedContext
+
+    ep = given.get("ep", 1)
+    if "WORLD_SIZE" not in os.environ:
+        if ep != 1:
+            raise ValueError(f"--ep {ep} needs a multiple of {ep} processes: add --nproc N or use torchrun")
+        if "resume" in given and (run_dir / DCP_DIR).is_dir():
+            return DistributedContext(None, run_dir)  # a distributed run, resumed on one process
+        return None
+    if "compare" in given:
+        raise ValueError("--compare trains single-process runs; drop --nproc/--ep (or torchrun)")
+    from moekit.parallel import build_groups, init_distributed, pick_backend
+    from moekit.parallel.groups import destroy
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed(pick_backend(cuda), rank, world, given.get("dist_timeout", 300.0))
+    atexit.register(destroy)
+    groups = build_groups(ep)
+    if rank != 0:  # rank 0 reports; the others keep stderr for their own errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return DistributedContext(groups, run_dir)
+
+
+def _rank_dir(run_dir: Path, dctx) -> Path:
+    """Rank 0 writes the run directory; rank r > 0 its own metrics and logs under ranks/rank<r>."""
+    return run_dir if dctx is None or dctx.is_main else run_dir / "ranks" / f"rank{dctx.rank}"
+
+
+def _rank0_first(dctx, fn):
+    """Rank 0 builds (e.g. the token files), then the other ranks reuse what it built."""
+    if dctx is None or dctx.groups is None:
+        return fn()
+    from moekit.parallel.groups import barrier
+
+    if dctx.is_main:
+        result = fn()
+        barrier("waiting for rank 0 to prepare the data")
+        return result
+    barrier("waiting for rank 0 to prepare the data")
+    return fn()

@@ -91,13 +91,18 @@ def sigmoid_bias_route(
     scaling: float = 1.0,
     n_group: int = 1,
     topk_group: int = 1,
+    score_func: str = "sigmoid",
 ) -> Routing:
     """DeepSeek-V3 routing: s = sigmoid(l); pick top-k of s + bias; weights = chosen s normalised, * scaling.
 
     The bias only chooses (no gradient flows through it). With ``n_group > 1`` only experts in the
     ``topk_group`` groups with the largest sum of their two best biased scores are eligible.
+    ``score_func="softmax"`` is ERNIE 4.5: s = softmax(l), and the chosen s are divided by
+    ``max(sum, 1e-12)`` (its ``moe_norm_min``) rather than ``sum + 1e-20``.
     """
-    scores_TE = logits_TE.sigmoid()
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func={score_func!r} is unknown; choose 'sigmoid' or 'softmax'")
+    scores_TE = logits_TE.sigmoid() if score_func == "sigmoid" else logits_TE.softmax(dim=-1)
     choice_TE = scores_TE.detach() + bias_E.to(scores_TE.dtype)
     if n_group > 1:
         T, E = choice_TE.shape
@@ -110,7 +115,9 @@ def sigmoid_bias_route(
     # rank order = order of s + bias
     indices_TK = choice_TE.topk(k, dim=-1).indices
     weights_TK = scores_TE.gather(1, indices_TK)
-    if normalize:
+    if normalize and score_func == "softmax":
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    elif normalize:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     weights_TK = weights_TK * scaling
     probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)

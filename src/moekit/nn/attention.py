@@ -76,29 +76,46 @@ def build_attn_mask(key_mask_BL: Tensor | None, S: int, L: int, device) -> Tenso
 
 
 class Attention(nn.Module):
-    """Causal GQA with RoPE (scaled_dot_product_attention); optional q/k RMSNorm per head."""
+    """Causal GQA with RoPE (scaled_dot_product_attention); optional q/k RMSNorm.
+
+    ``qk_norm_scope``: "head" normalises each head (Qwen3), "full" the whole q and k projections
+    (OLMoE). ``clip_qkv`` clamps q, k, v (after the norms) to [-clip, clip] (OLMoE). ``out_bias``
+    gives o_proj a bias.
+    """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-6):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, out_bias: bool = False,
+                 qk_norm_scope: str = "head", clip_qkv: float | None = None):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if qk_norm_scope not in ("head", "full"):
+            raise ValueError(f"qk_norm_scope={qk_norm_scope!r} is unknown; choose 'head' or 'full'")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.clip_qkv = clip_qkv
+        self.qk_norm_scope = qk_norm_scope
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        full = qk_norm_scope == "full"
+        self.q_norm = RMSNorm(n_heads * head_dim if full else head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(n_kv_heads * head_dim if full else head_dim, norm_eps) if qk_norm else None
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim)
-        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.q_norm is not None and self.qk_norm_scope == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_scope == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:

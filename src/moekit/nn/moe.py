@@ -76,12 +76,20 @@ class MoELayer(nn.Module):
     ``cfg.seq_aux`` the balance term is computed per sequence (DeepSeek-V3).
     """
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, ep_group=None):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_hidden, cfg.activation, cfg.expert_impl)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
+        # expert parallelism (issue 7): None = every expert here. With an ep_group, moekit.parallel keeps
+        # this rank's E/W experts and sets an all-to-all dispatcher (moekit.parallel.apply_expert_parallel
+        # does the same to a built model). Imported lazily: nn never imports parallel at module level.
+        self.dispatcher = None
+        if ep_group is not None:
+            from moekit.parallel.dispatcher import shard_moe_layer
+
+            shard_moe_layer(self, ep_group)
 
     def init_weights(self, std: float = 0.02, out_std: float | None = None) -> None:
         """Initialise every parameter.
@@ -147,7 +155,10 @@ class MoELayer(nn.Module):
             a = a.select(keep_A)
         # 4. group by expert, run experts, weighted combine
         d = sort_by_expert(a.token_A, a.expert_A, a.weight_A, E)
-        y_nD = self.experts(x_nD, d)
+        if self.dispatcher is None:
+            y_nD = self.experts(x_nD, d)
+        else:  # expert parallel: each expert's run goes to its rank and back (moekit.parallel.dispatcher)
+            y_nD = self.dispatcher(x_nD, d, self.experts)
         if self.shared_experts is not None:
             y_nD = y_nD + self.shared_experts(x_nD)
         # a NaN/inf token must not vanish silently (e.g. dropped or untaken): propagate it

@@ -42,20 +42,23 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor) -> R.Routing:
         cfg = self.cfg
-        x32_TD = x_TD.float()
+        # at least fp32 (bf16/fp16 inputs are upcast; float64 stays float64 for gradcheck)
+        rdtype = torch.promote_types(x_TD.dtype, torch.float32)
+        x32_TD = x_TD.to(rdtype)
         if self.training and cfg.router_jitter > 0:
             eps = cfg.router_jitter
             x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = x32_TD @ self.weight.float().t()
+        logits_TE = x32_TD @ self.weight.to(rdtype).t()
         if cfg.router in ("topk", "switch"):
             return R.topk_route(logits_TE, cfg.top_k, normalize=cfg.norm_topk and cfg.router == "topk")
         if cfg.router == "noisy_topk":
-            std_TE = F.softplus(x32_TD @ self.w_noise.float().t()) if self.training else None
+            std_TE = F.softplus(x32_TD @ self.w_noise.to(rdtype).t()) if self.training else None
             return R.noisy_topk_route(logits_TE, std_TE, cfg.top_k)
         if cfg.router == "sigmoid_bias":
             return R.sigmoid_bias_route(
                 logits_TE, self.expert_bias, cfg.top_k, normalize=cfg.norm_topk,
                 scaling=cfg.routed_scaling_factor, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                score_func=cfg.score_func,
             )
         if cfg.router == "expert_choice":
             return R.expert_choice_route(logits_TE, cfg.top_k, cfg.capacity_factor)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.nn.attention import Attention, KVCache, RMSNorm, build_attn_mask, rope_cos_sin
 from moekit.nn.experts import MLP
+from moekit.nn.mla import MLAConfig, MultiHeadLatentAttention
 from moekit.nn.moe import MoELayer, MoEStats
 
 __all__ = ["ModelConfig", "MoETransformer", "ModelOutput", "KVCache"]
@@ -46,10 +47,26 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 ...
     first_dense_layers: int = 0  # ... and i >= first_dense_layers
     init_std: float = 0.02
+    # attention variants (checkpoint interop): o_proj bias; q/k norm per head ("head", Qwen3) or over the
+    # whole projection ("full", OLMoE); clamp q/k/v to [-clip_qkv, clip_qkv] (OLMoE)
+    attn_out_bias: bool = False
+    qk_norm_scope: str = "head"
+    clip_qkv: float | None = None
+    dense_layers: tuple[int, ...] = ()  # layer indices forced dense (Qwen's mlp_only_layers)
+    mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek-V3) instead of GQA
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        if isinstance(self.mla, dict):
+            object.__setattr__(self, "mla", MLAConfig.from_dict(self.mla))
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.dense_layers):
+            raise ValueError(f"dense_layers={self.dense_layers} must hold layer indices in [0, {self.n_layers})")
+        if self.qk_norm_scope not in ("head", "full"):
+            raise ValueError(f"qk_norm_scope={self.qk_norm_scope!r} is unknown; choose 'head' or 'full'")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ValueError(f"clip_qkv={self.clip_qkv!r} must be > 0 (or None)")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "moe_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -58,6 +75,8 @@ class ModelConfig:
             raise ValueError(f"first_dense_layers={self.first_dense_layers} must be >= 0")
         if self.moe.d_model != self.d_model:
             raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+        if self.mla is not None:
+            return  # MLA has its own head dims, validated by MLAConfig
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set head_dim)")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
@@ -74,11 +93,17 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: the head dim, or MLA's qk_rope_head_dim."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.hd
+
+    @property
     def dense_hidden(self) -> int:
         return self.dense_d_hidden or self.moe.top_k * self.moe.d_hidden
 
     def is_moe_layer(self, i: int) -> bool:
-        return not self.dense and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
+        return (not self.dense and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
+                and i not in self.dense_layers)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -123,8 +148,12 @@ class Block(nn.Module):
         super().__init__()
         self.idx = idx
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, bias=cfg.attn_bias,
-                              qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps)
+        if cfg.mla is not None:
+            self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla)
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, bias=cfg.attn_bias,
+                                  qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, out_bias=cfg.attn_out_bias,
+                                  qk_norm_scope=cfg.qk_norm_scope, clip_qkv=cfg.clip_qkv)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(idx)
         self.ffn = MoELayer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.dense_hidden, "swiglu")
@@ -206,7 +235,7 @@ class MoETransformer(nn.Module):
             positions = (key_mask.long().cumsum(1) - 1).clamp_min(0)[:, past:]
         else:
             positions = torch.arange(past, past + S, device=dev).unsqueeze(0).expand(B, S)
-        cos, sin = rope_cos_sin(positions, self.config.hd, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta, x.dtype)
         mask = build_attn_mask(key_mask, S, past + S, dev) if (key_mask is not None or past > 0) else None
         token_mask = attention_mask.bool() if attention_mask is not None else None
         aux = x.new_zeros((), dtype=torch.float32)

@@ -41,37 +41,52 @@ def _act_grad(name: str, z: Tensor) -> Tensor:
     return (z > 0).to(z.dtype)
 
 
+def _runs(counts: list[int]):
+    """(expert, row slice) for every expert with at least one row."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def _expert_grad_buffer(w: Tensor, counts: list[int]) -> Tensor:
+    """Uninitialised (E, ...) gradient; only experts that received no rows are zeroed (the others are
+    overwritten by their matmul), so no pass over the whole weight-sized buffer is spent on zeros."""
+    g = torch.empty_like(w)
+    for e, n in enumerate(counts):
+        if n == 0:
+            g[e].zero_()
+    return g
+
+
 class _GroupedFFNCombine(torch.autograd.Function):
+    """Per-expert work is only matmuls; every elementwise step runs once over all A rows, so the
+    number of kernel launches does not grow with E (each launch is a thread barrier on the CPU)."""
+
     @staticmethod
     def forward(ctx, x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation):
         gated = w_gate is not None
-        A = token_A.numel()
-        H = w_up.shape[1]
+        A, H = token_A.numel(), w_up.shape[1]
         # 1. gather every assignment's token once: (A, D), freed after forward
         xs_AD = x_TD.index_select(0, token_A)
-        g_AH = torch.empty(A, H, dtype=x_TD.dtype, device=x_TD.device) if gated else None
-        u_AH = torch.empty(A, H, dtype=x_TD.dtype, device=x_TD.device)
-        y_AD = torch.empty_like(xs_AD)
-        # 2. one matmul per expert over its contiguous run; unchosen experts do nothing
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sl = slice(start, start + n)
+        u_AH = x_TD.new_empty(A, H)
+        g_AH = x_TD.new_empty(A, H) if gated else None
+        # 2. up (and gate) projections: one matmul per expert over its contiguous run
+        for e, sl in _runs(counts):
             torch.mm(xs_AD[sl], w_up[e].t(), out=u_AH[sl])
             if gated:
                 torch.mm(xs_AD[sl], w_gate[e].t(), out=g_AH[sl])
-                h = F.silu(g_AH[sl]) * u_AH[sl]
-            else:
-                h = _act(activation, u_AH[sl])
-            torch.mm(h, w_down[e].t(), out=y_AD[sl])
-            start += n
-        # 3. weighted scatter-add back to token order
+        del xs_AD
+        h_AH = F.silu(g_AH).mul_(u_AH) if gated else _act(activation, u_AH)
+        # 3. down projection, then the combine weight and a scatter-add back to token order
+        y_AD = x_TD.new_empty(A, x_TD.shape[1])
+        for e, sl in _runs(counts):
+            torch.mm(h_AH[sl], w_down[e].t(), out=y_AD[sl])
         y_AD.mul_(weight_A.to(y_AD.dtype).unsqueeze(1))
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
         ctx.save_for_backward(x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH)
-        ctx.counts = counts
-        ctx.activation = activation
+        ctx.counts, ctx.activation = counts, activation
         return out_TD
 
     @staticmethod
@@ -80,52 +95,52 @@ class _GroupedFFNCombine(torch.autograd.Function):
         counts, activation = ctx.counts, ctx.activation
         gated = w_gate is not None
         need_x, _, need_w, need_wg, need_wu, need_wd = ctx.needs_input_grad[:6]
-        xs_AD = x_TD.index_select(0, token_A)
-        gy_AD = gout_TD.index_select(0, token_A)  # dL/dy before the combine weight
-        wA1 = weight_A.to(x_TD.dtype).unsqueeze(1)
-        dx_AD = torch.empty_like(xs_AD) if need_x else None
-        gw_A = torch.empty(token_A.numel(), dtype=x_TD.dtype, device=x_TD.device) if need_w else None
-        dw_gate = torch.zeros_like(w_gate) if (gated and need_wg) else None
-        dw_up = torch.zeros_like(w_up) if need_wu else None
-        dw_down = torch.zeros_like(w_down) if need_wd else None
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sl = slice(start, start + n)
-            start += n
-            xs, gy, u = xs_AD[sl], gy_AD[sl], u_AH[sl]
-            if gated:
-                g = g_AH[sl]
-                sg = F.silu(g)
-                h = sg * u
-            else:
-                h = _act(activation, u)
-            dh = gy @ w_down[e]  # (n, H): g_t @ w_down, before the combine weight
-            if need_w:
-                gw_A[sl] = (dh * h).sum(dim=1)
+        A, H = token_A.numel(), w_up.shape[1]
+        w_A1 = weight_A.to(x_TD.dtype).unsqueeze(1)
+        gy_AD = gout_TD.index_select(0, token_A)  # dL/dy_a before the combine weight
+        # 1. recompute h from the saved pre-activations (cheap, elementwise, all rows at once)
+        if gated:
+            sig_AH = torch.sigmoid(g_AH)
+            sg_AH = g_AH * sig_AH  # silu(g)
+            h_AH = sg_AH * u_AH
+        else:
+            h_AH = _act(activation, u_AH)
+        # 2. dh = gy @ w_down per expert; w_down's gradient uses the weighted gy
+        dh_AH = x_TD.new_empty(A, H)
+        gyw_AD = gy_AD * w_A1
+        dw_down = _expert_grad_buffer(w_down, counts) if need_wd else None
+        for e, sl in _runs(counts):
+            torch.mm(gy_AD[sl], w_down[e], out=dh_AH[sl])
             if need_wd:
-                torch.mm((gy * wA1[sl]).t(), h, out=dw_down[e])
-            dh.mul_(wA1[sl])
-            if gated:
-                du = dh * sg
-                dg = dh * u * _act_grad("swiglu", g)
-                if need_wg:
-                    torch.mm(dg.t(), xs, out=dw_gate[e])
-                if need_wu:
-                    torch.mm(du.t(), xs, out=dw_up[e])
-                if need_x:
-                    dx = dg @ w_gate[e]
-                    dx.addmm_(du, w_up[e])
-                    dx_AD[sl] = dx
-            else:
-                du = dh * _act_grad(activation, u)
-                if need_wu:
-                    torch.mm(du.t(), xs, out=dw_up[e])
-                if need_x:
-                    torch.mm(du, w_up[e], out=dx_AD[sl])
+                torch.mm(gyw_AD[sl].t(), h_AH[sl], out=dw_down[e])
+        del gy_AD, gyw_AD
+        # 3. combine-weight gradient <g_t, y_a> = <g_t @ w_down, h_a>; then through the activation
+        gw = (dh_AH * h_AH).sum(dim=1).to(weight_A.dtype) if need_w else None
+        del h_AH
+        dh_AH.mul_(w_A1)
+        if gated:
+            du_AH = dh_AH * sg_AH
+            # d silu(g)/dg = s * (1 + g * (1 - s))
+            dg_AH = dh_AH.mul_(u_AH).mul_(sig_AH.mul_(1 + g_AH * (1 - sig_AH)))
+            del sg_AH
+        else:
+            du_AH = dh_AH.mul_(_act_grad(activation, u_AH))
+            dg_AH = None
+        # 4. input-side weight gradients and dx, per expert
+        xs_AD = x_TD.index_select(0, token_A)
+        dw_gate = _expert_grad_buffer(w_gate, counts) if (gated and need_wg) else None
+        dw_up = _expert_grad_buffer(w_up, counts) if need_wu else None
+        dx_AD = torch.empty_like(xs_AD) if need_x else None
+        for e, sl in _runs(counts):
+            if need_wu:
+                torch.mm(du_AH[sl].t(), xs_AD[sl], out=dw_up[e])
+            if gated and need_wg:
+                torch.mm(dg_AH[sl].t(), xs_AD[sl], out=dw_gate[e])
+            if need_x:
+                torch.mm(du_AH[sl], w_up[e], out=dx_AD[sl])
+                if gated:
+                    dx_AD[sl].addmm_(dg_AH[sl], w_gate[e])
         dx_TD = torch.zeros_like(x_TD).index_add_(0, token_A, dx_AD) if need_x else None
-        gw = gw_A.to(weight_A.dtype) if need_w else None
         return dx_TD, None, gw, dw_gate, dw_up, dw_down, None, None
 
 

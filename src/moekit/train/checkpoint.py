@@ -1,10 +1,12 @@
 """Atomic, verifiable checkpoints: safetensors weights + optimizer/RNG state + a JSON manifest.
 
-Files in a run directory (each written to a temp file, fsync'ed, then renamed):
+Files in a run directory:
   model.safetensors   weights and buffers; metadata records the step
   train_state.pt      optimizer + RNG states (tensors and plain containers only; loaded weights_only)
-  trainer_state.json  written last: step and the byte size of the two files above
-A crash between renames leaves files whose steps disagree; loading then names the mismatch.
+  trainer_state.json  the commit point: step and the byte size of the two files above
+A save 1. writes both files to ``.tmp`` names (fsync'ed), 2. atomically replaces the manifest, 3. renames
+the ``.tmp`` files into place. A crash before 2 leaves the previous checkpoint whole; a crash after 2 is
+rolled forward by ``load_checkpoint`` (the ``.tmp`` files of the manifest's step are renamed into place).
 """
 from __future__ import annotations
 
@@ -84,17 +86,42 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> dict[s
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, train_state: dict[str, Any], step: int) -> None:
-    """Write weights, optimizer/RNG state and the manifest, each atomically; the manifest last."""
+    """Write weights and optimizer/RNG state, commit them with the manifest (see the module docstring)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model, run_dir / MODEL_FILE, {"step": str(step)})
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    torch.save({"step": step, **train_state}, tmp)
-    _fsync_rename(tmp, run_dir / STATE_FILE)
-    manifest = {
-        "step": step,
-        "files": {name: (run_dir / name).stat().st_size for name in (MODEL_FILE, STATE_FILE)},
-    }
+    # renaming each file as it is written would destroy the previous checkpoint before the new manifest
+    # exists (a SIGKILL there left files of two steps); the manifest is the commit point instead
+    tmps = {name: run_dir / (name + ".tmp") for name in (MODEL_FILE, STATE_FILE)}
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmps[MODEL_FILE]),
+              metadata={"step": str(step)})
+    torch.save({"step": step, **train_state}, tmps[STATE_FILE])
+    for tmp in tmps.values():
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    manifest = {"step": step, "files": {name: tmp.stat().st_size for name, tmp in tmps.items()}}
     atomic_write_bytes(run_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    for name, tmp in tmps.items():
+        _fsync_rename(tmp, run_dir / name)
+
+
+def _file_step(path: Path) -> int | None:
+    """The step recorded inside a checkpoint file (None if unreadable, e.g. a half-written .tmp)."""
+    try:
+        if path.name.startswith(MODEL_FILE):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return int((f.metadata() or {}).get("step", -1))
+        return int(torch.load(path, weights_only=True).get("step", -1))
+    except Exception:  # noqa: BLE001 - any failure means "not a complete file of a known step"
+        return None
+
+
+def _roll_forward(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Finish a save that was interrupted after its manifest was written (step 3 of save_checkpoint)."""
+    for name in manifest["files"]:
+        tmp = run_dir / (name + ".tmp")
+        if tmp.is_file() and _file_step(tmp) == manifest["step"]:
+            os.replace(tmp, run_dir / name)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -110,6 +137,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 def load_checkpoint(run_dir: Path, model: nn.Module) -> dict[str, Any]:
     """Verify and load a checkpoint into ``model``; return the train state (optimizer, RNG, step)."""
     manifest = read_manifest(run_dir)
+    _roll_forward(run_dir, manifest)
     for name, size in manifest["files"].items():
         p = run_dir / name
         if not p.is_file():

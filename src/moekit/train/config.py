@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = 0
     data: str | None = None  # None = the running Python's standard library sources
     vocab_size: int = 4096
-    max_data_bytes: int = 6_000_000
+    max_data_bytes: int = 8_000_000
     threads: int | None = None
     # collapse detection (see moekit.analysis)
     dead_threshold: float = 0.02  # an expert below this share of its layer's assignments ...

@@ -22,7 +22,8 @@ import torch
 from moekit.analysis.collapse import CollapseDetector
 from moekit.data import DataInfo, TokenDataset
 from moekit.nn.transformer import ModelConfig, MoETransformer
-from moekit.train.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from moekit.train.checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, read_manifest,
+                                     save_checkpoint)
 from moekit.train.config import TrainConfig
 from moekit.train.progress import Progress
 
@@ -114,25 +115,45 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _diverged(run_dir: Path, step: int, what: str) -> TrainingDiverged:
+    good = read_manifest(run_dir)["step"] if (run_dir / "trainer_state.json").exists() else None
+    return TrainingDiverged(
+        f"{what} at step {step}; "
+        + (f"the last good checkpoint (step {good}) is kept in {run_dir}; "
+           f"resume with a lower --lr: moekit train --resume {run_dir} --lr ..." if good is not None
+           else "no checkpoint was written yet; lower --lr or raise --warmup-steps")
+    )
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInfo, *, resume: bool = False,
           init_state: dict[str, torch.Tensor] | None = None, label: str = "train",
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train (or resume) the run in ``run_dir`` up to ``cfg.steps`` total steps."""
+          on_step: Callable[[int, dict], None] | None = None, dist: Any = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir`` up to ``cfg.steps`` total steps.
+
+    ``dist``: a ``moekit.train.distributed.DistributedContext`` for expert/data-parallel runs (issue 7).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = MoETransformer(model_cfg)
     if init_state is not None:
         model.load_state_dict(init_state)
+    if dist is not None:  # [issue 7] expert/data parallel: check configs agree, keep this rank's experts
+        dist.setup_model(model, model_cfg, cfg)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume:
-        state = load_checkpoint(run_dir, model)
+        # [issue 7] a distributed run resumes from its DCP checkpoint, resharded to this layout
+        state = load_checkpoint(run_dir, model) if dist is None else dist.load_checkpoint(model, opt)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
         _truncate_metrics(run_dir / "metrics.jsonl", start)
+        # the overrides of this resume (--steps, --lr, ...) are the run's plan now: a later plain --resume
+        # must continue it, not fall back to the first invocation's config
+        atomic_write_bytes(run_dir / "train_config.json",
+                           (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     else:
         model_cfg.to_json(run_dir / "config.json")
         cfg.to_json(run_dir / "train_config.json")
@@ -140,10 +161,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
     if not (run_dir / "tokenizer.json").exists() or not resume:
         shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
     train_data, val_data = data.train_dataset(), data.val_dataset()
-    params = model.num_params()
+    params = model.num_params() if dist is None else dist.num_params(model)  # [issue 7]
     detector = CollapseDetector(cfg.dead_threshold, cfg.hot_threshold, cfg.collapse_window)
 
     def checkpoint(step: int) -> None:
+        if dist is not None:  # [issue 7] DCP checkpoint holding the global (E, ...) experts, reshardable
+            return dist.save_checkpoint(model, opt, gen, step)
         save_checkpoint(run_dir, model, {"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
                                          "torch_rng": torch.get_rng_state()}, step)
 
@@ -158,7 +181,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
     metrics = open(run_dir / "metrics.jsonl", "a")
     t_start = time.perf_counter()
     last_loss, val_loss, tps_hist, step = float("nan"), None, [], start
-    progress = Progress(label, cfg.steps, start)
+    # [issue 7] only rank 0 shows progress
+    progress = Progress(label, cfg.steps, start) if dist is None else dist.progress(label, cfg.steps, start)
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -166,21 +190,27 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = train_data.get_batch(cfg.batch_size, cfg.seq_len, gen)
+            if dist is not None:  # [issue 7] this rank's rows of the global batch
+                x, y = dist.shard_batch(step, x, y)
             out = model(x, labels=y)
             total = out.loss + out.aux_loss
             last_loss = float(out.loss.detach())
+            if dist is not None:  # [issue 7] the global batch's loss (NaN on every rank if any rank diverged)
+                last_loss = dist.mean_loss(out)
             if not math.isfinite(last_loss) or not math.isfinite(float(out.aux_loss.detach())):
-                good = read_manifest(run_dir)["step"] if (run_dir / "trainer_state.json").exists() else None
-                raise TrainingDiverged(
-                    f"loss is {last_loss} (aux {float(out.aux_loss)}) at step {step}; "
-                    + (f"the last good checkpoint (step {good}) is kept in {run_dir}; "
-                       f"resume with a lower --lr: moekit train --resume {run_dir} --lr ..." if good is not None
-                       else "no checkpoint was written yet; lower --lr or raise --warmup-steps")
-                )
+                raise _diverged(run_dir, step, f"loss is {last_loss} (aux {float(out.aux_loss.detach())})")
             opt.zero_grad(set_to_none=True)
             total.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) \
-                if cfg.grad_clip > 0 else float("nan")
+            if dist is None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) \
+                    if cfg.grad_clip > 0 else float("nan")
+            else:  # [issue 7] reduce gradients and routing counts over ranks; clip by the whole model's norm
+                comm = dist.after_backward(model, out)
+                grad_norm = dist.clip_grad_norm_(model, cfg.grad_clip)
+            # an inf/NaN gradient would make the weights NaN, and a checkpoint of this step would then
+            # overwrite the last good one: stop before the update
+            if cfg.grad_clip > 0 and not math.isfinite(grad_norm):
+                raise _diverged(run_dir, step, f"the gradient norm is {grad_norm} (loss {last_loss})")
             opt.step()
             for block in model.layers:  # aux-loss-free balancing (sigmoid_bias): after the step
                 if block.is_moe and block.ffn.router.expert_bias is not None:
@@ -189,11 +219,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
             tps_hist.append(tokens_per_step / dt)
             rec = _step_record(step, out, last_loss, lr, tokens_per_step / dt, time.perf_counter() - t_start,
                                grad_norm)
+            if dist is not None:  # [issue 7] all-to-all bytes sent and seconds, this rank's and every rank's
+                rec.update(comm)
             events = detector.update(step, rec.get("tokens_per_expert", {}))
             if events:
                 rec["collapse"] = events
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                val_loss = evaluate(model, val_data, cfg)
+                val_loss = evaluate(model, val_data, cfg) if dist is None else \
+                    dist.evaluate(model, val_data, cfg)  # [issue 7] eval batches split over the ranks
                 rec["val_loss"] = val_loss
             if step % cfg.log_every == 0 or "val_loss" in rec or events:
                 metrics.write(json.dumps(rec) + "\n")
@@ -205,6 +238,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
                 checkpoint(step)
                 raise RoutingCollapsed(f"routing collapse at step {step}: {events[0]['message']}; "
                                        f"checkpoint saved in {run_dir} (run without --fail-on-collapse to go on)")
+            if dist is not None:  # [issue 7] every rank stops (and checkpoints) when any rank got a signal
+                stop["signal"] = dist.agree_stop(stop["signal"])
             if step % cfg.ckpt_interval == 0 or step == cfg.steps or stop["signal"] is not None:
                 checkpoint(step)
             if stop["signal"] is not None:

@@ -1,0 +1,58 @@
+"""`moekit bench layer [--shape A|B|decode|all] [--threads N] [--json PATH]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+__all__ = ["main"]
+
+
+def _table(results: list[dict]) -> str:
+    hdr = (f"{'shape':8s} {'implementation':26s} {'fwd ms':>9s} {'fwd x dense':>11s} {'fwd GF/s':>9s} "
+           f"{'f+b ms':>9s} {'f+b x dense':>11s} {'f+b GF/s':>9s} {'act mem x dense':>15s}")
+    lines = [hdr, "-" * len(hdr)]
+    for res in results:
+        for name, r in res["impls"].items():
+            f, b = r["fwd"], r["fwd_bwd"]
+            lines.append(f"{res['shape']['key']:8s} {name:26s} {f['median_s'] * 1e3:9.2f} {f['x_dense']:10.2f}x "
+                         f"{f['gflops']:9.1f} {b['median_s'] * 1e3:9.2f} {b['x_dense']:10.2f}x {b['gflops']:9.1f} "
+                         f"{r['memory_x_dense']:14.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moekit bench", description=__doc__)
+    sub = p.add_subparsers(dest="what", required=True)
+    lay = sub.add_parser("layer", help="MoE layer vs the dense FFN of the same active size")
+    lay.add_argument("--shape", default="all", choices=["A", "B", "decode", "all"])
+    lay.add_argument("--threads", type=int, default=2)
+    lay.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
+    lay.add_argument("--warmup", type=int, default=2)
+    lay.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    lay.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
+    lay.add_argument("--json", help="write all timings here")
+    args = p.parse_args(argv)
+
+    from moekit.bench.layer import SHAPE_GROUPS, SHAPES, bench_shape
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    results = []
+    for key in SHAPE_GROUPS[args.shape]:
+        s = SHAPES[key]
+        reps = args.reps if s.tokens > 64 else max(args.reps, 21)
+        print(f"shape {key} ({s.name}): d_model {s.d_model}, hidden {s.hidden}, {s.experts} experts, top-{s.top_k}, "
+              f"{s.tokens} tokens, {args.dtype}, {args.threads} threads ...", file=sys.stderr, flush=True)
+        results.append(bench_shape(s, args.warmup, reps, dtype, not args.no_hf))
+    print(_table(results))
+    print("x dense = dense-equivalent time / time (higher is better); medians of interleaved repetitions")
+    if args.json:
+        meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
+                "python": platform.python_version(), "dtype": args.dtype}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0

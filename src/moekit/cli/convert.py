@@ -1,0 +1,84 @@
+"""`moekit convert SRC DST`: a moekit run directory <-> a Hugging Face model directory.
+
+The direction follows SRC: a moekit run directory (config.json with "model_type": "moekit",
+model.safetensors, tokenizer.json) becomes an HF directory (config.json, safetensors shards) of the
+architecture that expresses it exactly -- Mixtral for a plain top-k SwiGLU MoE; anything else that no
+supported architecture can express is refused with the reasons. An HF directory (mixtral, qwen2_moe,
+qwen3_moe, olmoe, ernie4_5_moe, deepseek_v3) becomes a moekit run directory that ``moekit generate``
+and ``moekit train --init-from`` read; its HF config.json is kept as hf_config.json so that converting
+back restores the architecture and the token ids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+# tokenizer and generation files carried over in both directions when present
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="a moekit run directory or a Hugging Face model directory")
+    p.add_argument("dst", help="output directory (of the other kind)")
+    p.add_argument("--model-type", default=None,
+                   help="HF architecture to write (moekit -> HF); default: the first that expresses the model")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: keep the source dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF shard size (moekit -> HF), e.g. 5GB, 500MB")
+    p.add_argument("--overwrite", action="store_true", help="write into a DST that already holds a config.json")
+    return p
+
+
+def _carry(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in CARRIED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
+    from moekit.hf import from_pretrained, is_hf_dir, is_moekit_dir, load_any, save_pretrained
+    from moekit.train.checkpoint import save_weights
+
+    try:
+        if (dst / "config.json").exists() and not args.overwrite:
+            raise ValueError(f"{dst} already holds a config.json; pass --overwrite to replace it")
+        if src.resolve() == dst.resolve():
+            raise ValueError("SRC and DST are the same directory")
+        if is_moekit_dir(src):
+            model, _ = load_any(src, args.dtype)
+            out = save_pretrained(model, dst, model_type=args.model_type, max_shard_size=args.max_shard_size)
+            kind = json.loads((out / "config.json").read_text())["model_type"]
+            what = f"moekit run directory -> Hugging Face {kind}"
+        elif is_hf_dir(src):
+            model = from_pretrained(src, args.dtype)
+            dst.mkdir(parents=True, exist_ok=True)
+            model.config.to_json(dst / "config.json")
+            save_weights(model, dst / "model.safetensors")
+            (dst / "hf_config.json").write_text(json.dumps(model.hf_config, indent=2) + "\n")
+            what = f"Hugging Face {model.hf_config['model_type']} -> moekit run directory"
+        else:
+            raise ValueError(f"{src}: no config.json; expected a moekit run directory or a Hugging Face model "
+                             "directory")
+    except ValueError as e:
+        print(f"moekit convert: {e}", file=sys.stderr)
+        return 1
+    carried = _carry(src, dst)
+    params = model.num_params()
+    print(f"{what}: {dst} ({params['total_params']:,} parameters, {params['active_params']:,} active per token, "
+          f"{model.embed.weight.dtype}); copied {', '.join(carried) or 'no tokenizer files'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""`moekit report RUN_DIR [RUN_DIR ...]`: one self-contained HTML report (+ PNGs) of training runs."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["build_parser", "expand_run_dirs", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moekit report",
+        description="Write report.html (figures embedded) and its PNGs: loss against steps and wall time, "
+                    "expert-load heatmaps, routing health, collapse warnings, expert specialization, "
+                    "parameters and tokens/s of every run given.")
+    p.add_argument("run_dirs", type=Path, nargs="+",
+                   help="run directories; a folder of runs (e.g. a --compare output) stands for the runs in it")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report, or COMMON_PARENT/report)")
+    p.add_argument("--spec-tokens", type=int, default=4096,
+                   help="held-out tokens for the specialization tables (0 = skip; default 4096)")
+    return p
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories (holding metrics.jsonl) for each path: itself, or the runs up to two levels below
+    it (``moekit train --compare`` writes DIR/moe and DIR/dense, with seeds DIR/moe/seed0 ...)."""
+    out: list[Path] = []
+    for p in paths:
+        if (p / "metrics.jsonl").is_file():
+            out.append(p)
+            continue
+        found = sorted(m.parent for m in list(p.glob("*/metrics.jsonl")) + list(p.glob("*/*/metrics.jsonl")))
+        if not found:
+            raise FileNotFoundError(f"{p}: no metrics.jsonl in it or in its subfolders; is it a moekit run?")
+        moe_first = sorted(found, key=lambda d: (0 if "moe" in d.parts[len(p.parts):] else 1, str(d)))
+        out.extend(moe_first)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = expand_run_dirs(args.run_dirs)
+    except FileNotFoundError as e:
+        print(f"moekit report: {e}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        out = args.out
+    elif len(args.run_dirs) == 1:
+        out = args.run_dirs[0] / "report"
+    else:
+        out = Path(os.path.commonpath([str(r.resolve()) for r in runs])) / "report"
+    from moekit.analysis.report import write_report
+
+    path = write_report(runs, out, spec_tokens=args.spec_tokens)
+    print(f"report: {path} ({len(runs)} run(s): {', '.join(str(r) for r in runs)})")
+    return 0

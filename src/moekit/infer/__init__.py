@@ -1,0 +1,4 @@
+"""Inference: KV-cached autoregressive decoding and sampling, and loading a run directory."""
+from moekit.infer.generate import filter_logits, generate, load_run, sample_next
+
+__all__ = ["filter_logits", "generate", "load_run", "sample_next"]

@@ -1,0 +1,192 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP), reshardable across EP layouts.
+
+Every tensor is saved under its single-process name (``model.<fqn>``, ``optim.<fqn>.<state>``,
+``extra.<key>``) and its *global* shape: an expert tensor of an expert-parallel layer is described to
+DCP as a DTensor over the (dp, ep) mesh, ``[Replicate(), Shard(0)]`` — the L local experts are rows
+``[r*L, (r+1)*L)`` of the global (E, ...) tensor. DCP writes each shard once (replicas deduplicated)
+and on load reads, for whatever layout the loader has (another ep, or one process with plain full
+tensors), exactly the rows it needs. So a run saved with ep=4 resumes with ep=2 or on one process.
+
+Directory: ``<dir>/.metadata``, ``<dir>/__<rank>_0.distcp`` and ``<dir>/moekit.json`` (step, layout).
+Saves go to ``<dir>.tmp`` and are renamed into place by rank 0, the previous one kept as ``<dir>.old``
+until the rename is done, so an interrupted save never replaces a good checkpoint with a torn one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+
+from moekit.parallel.grads import expert_parameters
+from moekit.parallel.groups import ParallelGroups, barrier, collective
+
+__all__ = ["export_dcp_to_safetensors", "load_dcp", "read_dcp_info", "resolve_dcp_dir", "save_dcp"]
+
+INFO_FILE = "moekit.json"
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns on every single-process save/load, even when asked for one (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
+
+
+def _wrap(t: Tensor, sharded: bool, groups: ParallelGroups | None) -> Any:
+    """Describe an expert shard as its slice of the global tensor; anything else is replicated."""
+    if not sharded or groups is None or t.dim() == 0:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return DTensor.from_local(t, groups.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def _init_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Adam/AdamW create their state at the first step; DCP needs tensors to load into before that."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _state(model: nn.Module, opt: torch.optim.Optimizer | None, groups: ParallelGroups | None,
+           extra: dict[str, Tensor] | None, *, copy: bool) -> tuple[dict[str, Any], list[tuple[Tensor, Any]]]:
+    """The DCP state dict, and (destination, source) pairs to copy back after a load."""
+    experts = expert_parameters(model)
+    expert_names = {name for name, p in model.named_parameters() if id(p) in experts}
+    pairs: list[tuple[Tensor, Any]] = []
+
+    def entry(dst: Tensor, sharded: bool) -> Any:
+        src = dst.detach().clone() if copy else dst.detach()
+        wrapped = _wrap(src, sharded, groups)
+        pairs.append((dst, wrapped))
+        return wrapped
+
+    sd: dict[str, Any] = {"model": {k: entry(v, k in expert_names) for k, v in model.state_dict().items()}}
+    if opt is not None:
+        _init_adam_state(opt)
+        names = {id(p): n for n, p in model.named_parameters()}
+        sd["optim"] = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = names[id(p)]
+                for k, v in opt.state[p].items():
+                    if isinstance(v, Tensor):
+                        sd["optim"][f"{name}.{k}"] = entry(v, id(p) in experts)
+    if extra:
+        sd["extra"] = {k: entry(v, False) for k, v in extra.items()}
+    return sd, pairs
+
+
+def save_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+             groups: ParallelGroups | None = None, extra: dict[str, Tensor] | None = None,
+             info: dict[str, Any] | None = None) -> None:
+    """Save model (+ optimizer state, + extra tensors) to the DCP directory ``path``; collective.
+
+    ``groups`` None: one process (no process group), every tensor local and full.
+    """
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    main = not _dist_on() or dist.get_rank() == 0
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    if _dist_on():
+        barrier("checkpoint save")
+    sd, _ = _state(model, opt, groups, extra, copy=False)
+    with _single_process_ok():
+        collective("distributed checkpoint save",
+                   lambda: dcp.save(sd, checkpoint_id=str(tmp), no_dist=not _dist_on()))
+    if main:
+        meta = dict(info or {}, format="moekit-dcp", world_size=dist.get_world_size() if _dist_on() else 1,
+                    ep_size=groups.ep_size if groups is not None else 1)
+        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    if _dist_on():
+        barrier("checkpoint save")
+
+
+def resolve_dcp_dir(path: str | Path) -> Path:
+    """``path`` if complete, else the ``.old`` one a save interrupted between its renames left behind."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    old = path.with_name(path.name + ".old")
+    if (old / ".metadata").is_file():
+        return old
+    raise FileNotFoundError(f"{path}: no distributed checkpoint there (no .metadata)")
+
+
+def read_dcp_info(path: str | Path) -> dict[str, Any]:
+    p = resolve_dcp_dir(path) / INFO_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def load_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+             groups: ParallelGroups | None = None, extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Load a DCP checkpoint into ``model`` (and ``opt``), resharding experts to this layout; collective.
+
+    ``extra``: name -> template tensor of the extra entries to read. Returns them loaded.
+    """
+    src = resolve_dcp_dir(path)
+    sd, pairs = _state(model, opt, groups, extra, copy=True)
+    try:
+        with _single_process_ok():
+            dcp.load(sd, checkpoint_id=str(src), no_dist=not _dist_on())
+    except dcp.CheckpointException as e:  # raised on every rank, names the failing keys
+        msg = str(e).strip().splitlines()
+        raise ValueError(f"{src}: the checkpoint does not fit this model (another config?): "
+                         f"{msg[0][:500] if msg else type(e).__name__}") from e
+    with torch.no_grad():
+        for dst, loaded in pairs:
+            local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
+            dst.copy_(local)
+    return {k: v for k, v in (sd.get("extra") or {}).items()}
+
+
+def export_dcp_to_safetensors(dcp_dir: str | Path, out_file: str | Path) -> Path:
+    """Write the model of a DCP checkpoint as one single-process safetensors file (full (E, ...) experts).
+
+    Keys are the single-process ``state_dict`` names (what ``moekit.train.checkpoint.load_weights``
+    reads); the metadata records the step. Runs in one process, with or without a process group.
+    """
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    src = resolve_dcp_dir(dcp_dir)
+    md = FileSystemReader(str(src)).read_metadata()
+    want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata) and (k.startswith("model.") or k == "extra.step")}
+    with _single_process_ok():
+        dcp.load(want, checkpoint_id=str(src), no_dist=True)
+    info = read_dcp_info(src)
+    step = int(want["extra.step"]) if "extra.step" in want else info.get("step", -1)
+    tensors = {k[len("model."):]: v.contiguous() for k, v in want.items() if k.startswith("model.")}
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "source": "moekit-dcp"})
+    tmp.replace(out)
+    return out

@@ -1,0 +1,143 @@
+"""The expert-parallel token dispatcher and the functions that shard experts over a process group.
+
+Legend: n tokens of this rank, D model dim, E experts, W ranks in the EP group, L = E / W experts per
+rank, A this rank's assignments (sorted by global expert), R rows received for the local experts.
+
+Rank r of the EP group holds global experts ``[r*L, (r+1)*L)``, local expert i being global expert
+r*L + i, stored exactly like the single-process layer (``experts.w_up`` etc. with leading dim L).
+Routing (and the capacity drops, which filter assignments before dispatch) stays on the token's
+rank; only the chosen (token, expert) rows travel:
+
+1. permute: gather each assignment's token, in global expert order = destination-rank order;
+2. exchange per-expert counts (W x L integers), so every rank knows the sizes it will receive;
+3. all-to-all the rows (variable splits) to the ranks of their experts;
+4. run the local experts over the received rows (regrouped expert-major, one run per expert);
+5. all-to-all the outputs back to the ranks the rows came from (the reverse splits);
+6. combine: weight each output by its routing weight and add it into its token's row.
+
+Backward runs 5, 4, 3 reversed (gradients of rows go home), so an expert's gradient is the plain sum
+over every token routed to it from any rank, and the router's gradient covers this rank's tokens.
+Nothing is rescaled here; averaging over data-parallel replicas is the trainer's job (see grads.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moekit.functional.dispatch import Dispatch
+from moekit.nn.experts import GroupedExperts
+from moekit.nn.moe import MoELayer
+from moekit.parallel.all_to_all import CommMeter, all_to_all, exchange_counts
+from moekit.parallel.groups import check_same_config
+
+__all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parallel_meter", "shard_moe_layer"]
+
+
+def _expert_major_order(recv_WL: Tensor) -> Tensor:
+    """Rows arrive source-major (for src: for expert: rows); return the gather order expert-major."""
+    W, L = recv_WL.shape
+    counts = recv_WL.reshape(-1)
+    starts_WL = (counts.cumsum(0) - counts).view(W, L)  # where each (src, expert) run starts
+    counts_LW = recv_WL.t().reshape(-1)
+    starts_LW = starts_WL.t().reshape(-1)
+    # row j of the expert-major order is start of its run + its position inside the run
+    run_first_LW = counts_LW.cumsum(0) - counts_LW
+    total = int(counts.sum())
+    return torch.arange(total, device=recv_WL.device) + torch.repeat_interleave(starts_LW - run_first_LW, counts_LW,
+                                                                                output_size=total)
+
+
+class AllToAllDispatcher:
+    """Sends every expert's run of assignments to the rank that holds the expert, and the outputs back.
+
+    ``dispatcher(x_nD, d, experts) -> y_nD`` with ``d`` sorted by *global* expert id (E runs) and
+    ``experts`` the L local experts. Traffic is added to ``meter`` (bytes and seconds, fwd + bwd).
+    """
+
+    def __init__(self, group: Any, num_experts: int, meter: CommMeter | None = None):
+        W = dist.get_world_size(group)
+        if num_experts % W:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel world size {W}")
+        self.group = group
+        self.world_size = W
+        self.rank = dist.get_rank(group)
+        self.num_experts = num_experts
+        self.num_local = num_experts // W
+        self.first_expert = self.rank * self.num_local
+        self.meter = meter if meter is not None else CommMeter()
+
+    def __call__(self, x_nD: Tensor, d: Dispatch, experts: GroupedExperts) -> Tensor:
+        W, L = self.world_size, self.num_local
+        if experts.num_experts != L:
+            raise ValueError(f"rank {self.rank} holds {experts.num_experts} experts, expected E/W = {L}")
+        # 1. permute: one row per assignment, runs in global expert order
+        xs_AD = x_nD.index_select(0, d.token_A)
+        # 2. counts: send_WL[j, e] rows for expert e of rank j; recv_WL[i, e] rows from rank i for my e
+        send_WL = d.counts_E.view(W, L)
+        recv_WL = exchange_counts(send_WL, self.group, self.meter)
+        send_splits = send_WL.sum(1).tolist()
+        recv_splits = recv_WL.sum(1).tolist()
+        # 3. rows to the experts' ranks
+        xr_RD = all_to_all(xs_AD, recv_splits, send_splits, self.group, self.meter)
+        # 4. local experts; identity combine (weight 1, each row its own "token") keeps rows in arrival
+        #    order, ready to go back; gathering through order_R makes one contiguous run per expert
+        order_R = _expert_major_order(recv_WL)
+        counts_L = recv_WL.sum(0)
+        local = Dispatch(order_R, torch.ones(order_R.numel(), dtype=x_nD.dtype, device=x_nD.device),
+                         counts_L.tolist(), counts_L)
+        yr_RD = experts(xr_RD, local)
+        # 5. outputs home
+        ys_AD = all_to_all(yr_RD, send_splits, recv_splits, self.group, self.meter)
+        # 6. weighted combine, in the same order as the single-process op
+        return torch.zeros_like(x_nD).index_add(0, d.token_A, ys_AD * d.weight_A.to(ys_AD.dtype).unsqueeze(1))
+
+
+def _slice_experts_(experts: GroupedExperts, first: int, count: int) -> None:
+    """Keep experts [first, first + count) in place (no new random draws: a seeded model stays a slice)."""
+    for name in ("w_gate", "w_up", "w_down"):
+        p = getattr(experts, name)
+        if p is not None:
+            setattr(experts, name, nn.Parameter(p.detach()[first:first + count].clone(), requires_grad=p.requires_grad))
+
+
+def shard_moe_layer(layer: MoELayer, group: Any, meter: CommMeter | None = None) -> AllToAllDispatcher:
+    """Make ``layer`` expert-parallel over ``group``: keep this rank's experts, install the dispatcher.
+
+    Collective (all ranks of ``group``): checks that every rank has the same MoEConfig.
+    """
+    if getattr(layer, "dispatcher", None) is not None:
+        raise ValueError("this MoELayer is already expert-parallel")
+    cfg = layer.cfg
+    W = dist.get_world_size(group)
+    if cfg.num_experts % W:
+        raise ValueError(f"num_experts={cfg.num_experts} must be divisible by the expert-parallel world size {W}")
+    check_same_config(cfg.to_dict(), "MoEConfig", group)
+    disp = AllToAllDispatcher(group, cfg.num_experts, meter)
+    _slice_experts_(layer.experts, disp.first_expert, disp.num_local)
+    layer.dispatcher = disp
+    return disp
+
+
+def apply_expert_parallel(model: nn.Module, group: Any, meter: CommMeter | None = None) -> CommMeter:
+    """Shard the experts of every MoELayer in ``model`` over ``group``; return the shared traffic meter.
+
+    Build the full model with the same seed on every rank first: each rank then keeps its slice of
+    identical experts, and non-expert weights are identical everywhere.
+    """
+    meter = meter if meter is not None else CommMeter()
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        shard_moe_layer(layer, group, meter)
+    return meter
+
+
+def expert_parallel_meter(model: nn.Module) -> CommMeter | None:
+    """The meter of the first expert-parallel layer of ``model`` (shared by all with apply_expert_parallel)."""
+    for m in model.modules():
+        disp = getattr(m, "dispatcher", None)
+        if isinstance(disp, AllToAllDispatcher):
+            return disp.meter
+    return None

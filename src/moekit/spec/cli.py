@@ -1,0 +1,186 @@
+"""``moekit spec TARGET``: print what a MoE model costs (params, FLOPs, memory) without loading it.
+
+TARGET is a preset name, a run directory holding moekit's ``config.json``, or an HF ``config.json``
+(or the directory that holds one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from moekit.spec.count import COMPONENTS, SpecReport, count_params, flops_per_token, memory
+from moekit.spec.presets import PRESETS, PUBLISHED, get_preset
+
+__all__ = ["add_parser", "build_parser", "load_target", "main", "summary"]
+
+_LABELS = {
+    "embeddings": "embeddings (input)", "attention": "attention", "router": "router",
+    "routed_experts": "routed experts", "shared_experts": "shared experts", "dense_mlp": "dense MLPs",
+    "norms": "norms", "lm_head": "LM head",
+}
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("target", metavar="TARGET",
+                        help=f"preset ({', '.join(PRESETS)}), run directory, or HF config.json / its directory")
+    parser.add_argument("--seq-len", type=int, default=4096,
+                        help="context length for attention FLOPs and the KV cache (default 4096)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    desc = "Print what a MoE model costs (parameters, FLOPs, memory) from its config, without loading it."
+    return _configure(argparse.ArgumentParser(prog="moekit spec", description=desc))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``spec`` on a top-level ``moekit`` parser; its handler is ``args.func(args) -> int``."""
+    parser = _configure(subparsers.add_parser("spec", help="params, FLOPs and memory of a MoE model"))
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def load_target(target: str) -> tuple[str, dict[str, Any]]:
+    """(display name, config dict) for a path to a config.json or its directory, or a preset name."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{target!r} is a directory without a config.json")
+    if path.is_file():
+        with path.open() as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return str(path), cfg
+    if target.lower() in PRESETS:
+        return target.lower(), get_preset(target)
+    raise FileNotFoundError(f"{target!r} is neither a file, a directory nor a preset; presets: {', '.join(PRESETS)}")
+
+
+def summary(report: SpecReport, seq_len: int = 4096, name: str | None = None) -> dict[str, Any]:
+    """Everything ``moekit spec`` knows about a model as one JSON-ready dict (the ``--json`` object)."""
+    mem = memory(report, seq_len)
+    return {
+        "name": name or report.model_type, "model_type": report.model_type,
+        "total_params": report.total_params, "active_params": report.active_params,
+        "active_params_no_embedding": report.active_params_no_embedding,
+        "components": {n: {"total": c.total, "active": c.active} for n, c in report.components.items()},
+        "architecture": {"hidden_size": report.hidden_size, "num_layers": report.num_layers,
+                         "num_moe_layers": report.num_moe_layers, "num_experts": report.num_experts,
+                         "experts_per_token": report.experts_per_token,
+                         "tied_embeddings": report.tied_embeddings},
+        "seq_len": seq_len, "flops_per_token": flops_per_token(report, seq_len),
+        "memory": mem["weights_bytes"], "kv_cache": mem["kv_cache"], "notes": list(report.notes),
+    }
+
+
+def _num(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g} B"
+
+
+def _print_tables(s: dict[str, Any]) -> None:
+    from rich.console import Console  # rich only when a table is printed
+    from rich.table import Table
+
+    con, arch = Console(), s["architecture"]
+    if not con.is_terminal:  # piped or captured: rich would wrap at 80 columns
+        con.width = 110
+    con.print(f"[bold]{s['name']}[/] ({s['model_type']}): {arch['num_layers']} layers, "
+              f"d_model {arch['hidden_size']}, {arch['num_moe_layers']} MoE layers, {arch['num_experts']} "
+              f"experts, {arch['experts_per_token']} per token, "
+              f"{'tied' if arch['tied_embeddings'] else 'untied'} embeddings")
+
+    params = Table(title="Parameters", title_justify="left")
+    for col in ("component", "total", "active / token", "% of total"):
+        params.add_column(col, justify="left" if col == "component" else "right")
+    total = s["total_params"]
+    for name in COMPONENTS:
+        c = s["components"][name]
+        label = _LABELS[name] + (" (tied: in embeddings)" if name == "lm_head" and arch["tied_embeddings"] else "")
+        params.add_row(label, _num(c["total"]), _num(c["active"]), f"{100 * c['total'] / total:.1f}")
+    params.add_section()
+    params.add_row("[bold]total[/] (input embedding + LM head counted)", _num(total), _num(s["active_params"]),
+                   "100.0")
+    params.add_row("active w/o input embedding (DeepSeek, gpt-oss cards)", "",
+                   _num(s["active_params_no_embedding"]), "")
+    con.print(params)
+
+    fl = s["flops_per_token"]
+    flops = Table(title=f"Forward FLOPs per token at seq_len {s['seq_len']} (2 per multiply-add)",
+                  title_justify="left")
+    flops.add_column("part")
+    flops.add_column("FLOPs", justify="right")
+    flops.add_column("%", justify="right")
+    rows = [("attention projections", "attention_projections"),
+            ("attention scores + values (grows with seq_len)", "attention_scores"),
+            ("MoE: router", "router"), ("MoE: routed experts", "routed_experts"),
+            ("MoE: shared experts", "shared_experts"), ("MoE total", "moe"), ("dense MLPs", "dense_mlp"),
+            ("LM head", "lm_head")]
+    for label, key in rows:
+        flops.add_row(label, _num(fl[key]), f"{100 * fl[key] / fl['total']:.1f}")
+    flops.add_section()
+    flops.add_row("[bold]total[/]", _num(fl["total"]), "100.0")
+    con.print(flops)
+
+    kv, dtypes = s["kv_cache"], ("fp32", "bf16", "int8", "int4")
+    mem = Table(title="Weights", title_justify="left")
+    for col in ("", *dtypes):
+        mem.add_column(col, justify="right" if col else "left")
+    mem.add_row("all weights", *(_bytes(s["memory"][dt]) for dt in dtypes))
+    con.print(mem)
+    cache = Table(title="KV cache", title_justify="left")
+    for col in ("", "bf16", "fp32"):
+        cache.add_column(col, justify="right" if col else "left")
+    for label, key in (("per token, per layer", "bytes_per_token_per_layer"),
+                       (f"per token, all {len(kv['elements_per_token_per_layer'])} caching layers", "bytes_per_token"),
+                       (f"one sequence of {s['seq_len']} tokens", "bytes_at_seq_len")):
+        cache.add_row(label, _bytes(kv[key]["bf16"]), _bytes(kv[key]["fp32"]))
+    con.print(cache)
+    notes = list(s["notes"])
+    if len(set(kv["elements_per_token_per_layer"])) > 1:
+        notes.append("the KV cache per token differs between layers; 'per layer' shows the largest")
+    if kv["sliding_window_layers"]:
+        notes.append(f"{kv['sliding_window_layers']} sliding-window layers cache at most their window")
+    if s["name"] in PUBLISHED:
+        pub = PUBLISHED[s["name"]]
+        notes.append(f"published: {_num(pub.total)} total, {_num(pub.active)} active "
+                     f"({'without' if pub.convention == 'no_embedding' else 'with'} input embedding)")
+    for note in notes:
+        con.print(f"note: {note}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        name, cfg = load_target(args.target)
+        s = summary(count_params(cfg), args.seq_len, name=name)
+    except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        print(f"moekit spec: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        _print_tables(s)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

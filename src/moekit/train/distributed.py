@@ -1,0 +1,208 @@
+"""Expert-parallel x data-parallel training: what the training loop calls when it runs on several processes.
+
+``moekit.train.loop.train(..., dist=DistributedContext(...))`` calls this object at a few marked points
+(setup, batch, loss, backward, clipping, eval, checkpoints, stop). Every collective goes through
+``moekit.parallel`` (STYLE: the only package that imports torch.distributed).
+
+Semantics, for a world of N ranks with expert-parallel size ``ep`` (data-parallel size N / ep):
+- every rank builds the full model from the same seed, then keeps its E/ep experts of each layer;
+- the global batch (``batch_size`` rows) is drawn from the one data generator on every rank, and rank
+  r trains on rows [r*B/N, (r+1)*B/N): the union over ranks is the single-process batch;
+- the objective is the mean of the ranks' losses; gradients are reduced accordingly (parallel/grads.py)
+  and clipped by the norm of the whole model's gradient;
+- routing statistics are per rank (so is the balance loss, computed on each rank's own tokens); the
+  counts that are logged and drive the sigmoid_bias update are summed over all ranks, so every rank
+  applies the same bias update;
+- router noise/jitter draw from torch's RNG re-seeded from (seed, step, rank) at every step, so ranks
+  draw independent noise and a resumed run draws the same noise at any world size;
+- checkpoints are DCP directories (``<run>/dcp``) holding the global (E, ...) expert tensors: they
+  resume with another ``ep``/world size or on one process; ``export_dcp_to_safetensors`` writes the
+  single-file model.
+"""
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.parallel import (
+    CommMeter,
+    ParallelGroups,
+    apply_expert_parallel,
+    check_same_config,
+    load_dcp,
+    save_dcp,
+)
+from moekit.parallel import clip_grad_norm_ as _clip_grad_norm
+from moekit.parallel import sync_gradients as _sync_gradients
+from moekit.parallel.groups import all_gather_tensor, all_reduce_
+
+__all__ = ["DCP_DIR", "DistributedContext"]
+
+DCP_DIR = "dcp"  # the distributed checkpoint inside a run directory
+
+
+class _Quiet:
+    """Progress display of the ranks that are not rank 0."""
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class DistributedContext:
+    """One rank's view of a distributed run; ``groups`` None = one process reading/writing DCP checkpoints."""
+
+    groups: ParallelGroups | None
+    run_dir: Path  # the shared run directory (rank 0's): holds the DCP checkpoint
+    meter: CommMeter | None = field(default=None, init=False)
+    seed: int = field(default=0, init=False)
+
+    # -- where am I -------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.groups.rank if self.groups is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.groups.world_size if self.groups is not None else 1
+
+    @property
+    def ep_size(self) -> int:
+        return self.groups.ep_size if self.groups is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / DCP_DIR
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup_model(self, model: nn.Module, model_cfg: Any, cfg: Any) -> None:
+        """Check that every rank runs the same configs, then keep this rank's experts."""
+        self.seed = cfg.seed
+        if self.groups is None:
+            return
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes "
+                             f"{self.world_size} (each rank trains on batch_size / world rows)")
+        check_same_config({"model": model_cfg.to_dict(), "train": cfg.to_dict(), "ep": self.ep_size}, "run config")
+        if self.ep_size > 1:
+            self.meter = apply_expert_parallel(model, self.groups.ep_group)
+
+    def num_params(self, model: nn.Module) -> dict[str, int]:
+        """model.num_params() of the whole (unsharded) model."""
+        p = model.num_params()
+        missing = 0
+        for m in model.modules():
+            disp = getattr(m, "dispatcher", None)
+            if disp is not None:
+                per_expert = sum(w[0].numel() for w in m.experts.parameters())
+                missing += (disp.num_experts - disp.num_local) * per_expert
+        return {"total_params": p["total_params"] + missing, "active_params": p["active_params"] + missing}
+
+    def progress(self, label: str, total: int, start: int) -> Any:
+        from moekit.train.progress import Progress
+
+        return Progress(label, total, start) if self.is_main else _Quiet()
+
+    # -- one step ---------------------------------------------------------------------------------
+    def shard_batch(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the global batch; re-seed torch's RNG for (seed, step, rank); zero the meter."""
+        torch.manual_seed((self.seed * 1_000_003 + step * 1_009 + self.rank) % (2**63))
+        if self.meter is not None:
+            self.meter.reset()
+        if self.groups is None:
+            return x, y
+        b = x.shape[0] // self.world_size
+        rows = slice(self.rank * b, (self.rank + 1) * b)
+        return x[rows], y[rows]
+
+    def mean_loss(self, out: Any) -> float:
+        """The LM loss averaged over ranks (= the global batch's); NaN if any rank's loss or aux is not finite."""
+        t = torch.tensor([float(out.loss.detach()), float(out.aux_loss.detach())], dtype=torch.float64)
+        if self.groups is not None:
+            all_reduce_(t, "loss all-reduce")
+            t /= self.world_size
+        return float(t[0]) if math.isfinite(float(t[1])) else float("nan")
+
+    def after_backward(self, model: nn.Module, out: Any) -> dict[str, Any]:
+        """Reduce gradients and routing counts over the ranks; return this step's all-to-all traffic."""
+        if self.groups is None:
+            return {}
+        _sync_gradients(model, self.groups)
+        # counts summed over every rank: logs, collapse detection and the bias update agree everywhere
+        layers = sorted(out.stats)
+        if layers:
+            parts = [torch.cat([out.stats[i].tokens_per_expert.double().reshape(-1),
+                                out.stats[i].dropped.double().reshape(1),
+                                out.stats[i].num_assignments.double().reshape(1)]) for i in layers]
+            flat = all_reduce_(torch.cat(parts), "routing statistics all-reduce")
+            offset = 0
+            for i in layers:
+                s = out.stats[i]
+                E = s.tokens_per_expert.numel()
+                s.tokens_per_expert = flat[offset:offset + E].round().to(s.tokens_per_expert.dtype)
+                s.dropped = flat[offset + E].round().to(s.dropped.dtype)
+                s.num_assignments = flat[offset + E + 1].round().to(s.num_assignments.dtype)
+                offset += E + 2
+        if self.meter is None:
+            return {}
+        c = self.meter.reset()
+        mine = torch.tensor([c["a2a_bytes_sent"], c["a2a_seconds"]], dtype=torch.float64)
+        every = all_gather_tensor(mine, "all-to-all statistics all-gather")
+        return {"a2a_bytes_sent": int(c["a2a_bytes_sent"]), "a2a_s": c["a2a_seconds"],
+                "a2a_bytes_sent_per_rank": [int(v) for v in every[:, 0].tolist()],
+                "a2a_s_per_rank": every[:, 1].tolist()}
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        if max_norm <= 0:
+            return float("nan")
+        return _clip_grad_norm(model, max_norm, self.groups)
+
+    def agree_stop(self, sig: int | None) -> int | None:
+        """Stop (checkpoint and exit) on every rank when any rank got SIGINT/SIGTERM."""
+        if self.groups is None:
+            return sig
+        t = torch.tensor([0.0 if sig is None else 1.0])
+        all_reduce_(t, "stop-flag all-reduce")
+        return sig if sig is not None else (signal.SIGTERM if t.item() > 0 else None)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Any, cfg: Any) -> float:
+        """Token-weighted mean validation loss; every eval batch is split over the ranks."""
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for x, y in data.iter_eval_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+            x, y = torch.tensor_split(x, self.world_size)[self.rank], torch.tensor_split(y, self.world_size)[self.rank]
+            out = model(x, labels=y)  # every rank runs the forward, even on 0 rows: the all-to-alls need it
+            if y.numel():
+                total += torch.tensor([float(out.loss) * y.numel(), y.numel()], dtype=torch.float64)
+        if self.groups is not None:
+            all_reduce_(total, "eval all-reduce")
+        model.train(was_training)
+        return float(total[0] / total[1].clamp_min(1))
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int) -> None:
+        save_dcp(self.ckpt_dir, model, opt, self.groups,
+                 extra={"step": torch.tensor(step, dtype=torch.int64), "data_rng": gen.get_state()},
+                 info={"step": step})
+
+    def load_checkpoint(self, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load (resharding experts to this layout); return the state the loop restores, like load_checkpoint."""
+        templates = {"step": torch.tensor(0, dtype=torch.int64), "data_rng": torch.Generator().get_state()}
+        extra = load_dcp(self.ckpt_dir, model, opt, self.groups, extra=templates)
+        return {"optimizer": opt.state_dict(), "data_rng": extra["data_rng"], "torch_rng": torch.get_rng_state(),
+                "step": int(extra["step"])}
