@@ -25,28 +25,28 @@ B, S = 2, 11  # n = 22 tokens: capacity 0.75 * 22 * k / E never lands on an inte
 MIN_GAP = 1e-5  # smallest decision gap the fp32 layer must be able to resolve like float64
 
 ROUTER_CFGS = {
-    "topk": dict(router="topk", num_experts=4, top_k=2),
-    "topk_raw": dict(router="topk", num_experts=4, top_k=2, norm_topk=False),
-    "switch": dict(router="switch", num_experts=4, top_k=1),
-    "noisy_topk": dict(router="noisy_topk", num_experts=4, top_k=2),
-    "sigmoid_bias": dict(router="sigmoid_bias", num_experts=4, top_k=2),
-    "sigmoid_bias_g2": dict(router="sigmoid_bias", num_experts=6, top_k=2, n_group=2, topk_group=1,
-                            routed_scaling_factor=2.5),
-    "sigmoid_bias_g3_raw": dict(router="sigmoid_bias", num_experts=6, top_k=3, n_group=3, topk_group=2,
-                                norm_topk=False),
-    "expert_choice": dict(router="expert_choice", num_experts=4, top_k=2),
-    "dense": dict(router="dense", num_experts=4, top_k=2),
+    "topk": {"router": "topk", "num_experts": 4, "top_k": 2},
+    "topk_raw": {"router": "topk", "num_experts": 4, "top_k": 2, "norm_topk": False},
+    "switch": {"router": "switch", "num_experts": 4, "top_k": 1},
+    "noisy_topk": {"router": "noisy_topk", "num_experts": 4, "top_k": 2},
+    "sigmoid_bias": {"router": "sigmoid_bias", "num_experts": 4, "top_k": 2},
+    "sigmoid_bias_g2": {"router": "sigmoid_bias", "num_experts": 6, "top_k": 2, "n_group": 2, "topk_group": 1,
+                        "routed_scaling_factor": 2.5},
+    "sigmoid_bias_g3_raw": {"router": "sigmoid_bias", "num_experts": 6, "top_k": 3, "n_group": 3,
+                            "topk_group": 2, "norm_topk": False},
+    "expert_choice": {"router": "expert_choice", "num_experts": 4, "top_k": 2},
+    "dense": {"router": "dense", "num_experts": 4, "top_k": 2},
 }
 TOKEN_CHOICE_MODES = {
-    "dropless": dict(),
-    "position": dict(capacity_factor=0.75, drop_policy="position"),
-    "probs": dict(capacity_factor=0.75, drop_policy="probs"),
+    "dropless": {},
+    "position": {"capacity_factor": 0.75, "drop_policy": "position"},
+    "probs": {"capacity_factor": 0.75, "drop_policy": "probs"},
 }
-OTHER_MODES = {"dropless": dict(), "capacity": dict(capacity_factor=0.75)}
+OTHER_MODES = {"dropless": {}, "capacity": {"capacity_factor": 0.75}}
 SHARED = {
-    "noshared": dict(),
-    "shared": dict(num_shared_experts=2, shared_d_hidden=HS),
-    "sharedgate": dict(num_shared_experts=2, shared_d_hidden=HS, shared_gate=True),
+    "noshared": {},
+    "shared": {"num_shared_experts": 2, "shared_d_hidden": HS},
+    "sharedgate": {"num_shared_experts": 2, "shared_d_hidden": HS, "shared_gate": True},
 }
 CASES = [
     (r, m)
@@ -58,7 +58,8 @@ CASES = [
 def make_cfg(router: str, mode: str = "dropless", activation: str = "swiglu", shared: str = "noshared",
              impl: str = "fused", **extra) -> MoEConfig:
     modes = OTHER_MODES if ROUTER_CFGS[router]["router"] in ("expert_choice", "dense") else TOKEN_CHOICE_MODES
-    kw = dict(d_model=D, d_hidden=H, activation=activation, expert_impl=impl, importance_loss_coef=0.05)
+    kw = {"d_model": D, "d_hidden": H, "activation": activation, "expert_impl": impl,
+          "importance_loss_coef": 0.05}
     kw.update(ROUTER_CFGS[router])
     kw.update(modes[mode])
     kw.update(SHARED[shared])
@@ -268,8 +269,9 @@ def naive_moe(layer: MoELayer, x: torch.Tensor, token_mask: torch.Tensor | None 
     importance = (sum((c - mean) ** 2 for c in col) / E) / mean**2
     entropy = sum(-sum(a * math.log(a) for a in _softmax(lg) if a > 0) for lg in logits) / n
     aux = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z + cfg.importance_loss_coef * importance
-    return dict(output=out.reshape(x.shape), tokens_per_expert=tpe, dropped=dropped, balance=balance, z=z,
-                importance=importance, aux=aux, entropy=entropy, num_tokens=n, min_gap=min_gap)
+    return {"output": out.reshape(x.shape), "tokens_per_expert": tpe, "dropped": dropped, "num_tokens": n,
+            "balance": balance, "z": z, "importance": importance, "aux": aux, "entropy": entropy,
+            "min_gap": min_gap}
 
 
 def _close(got, want, rtol=1e-5, atol=1e-6):
@@ -381,3 +383,14 @@ def test_nan_token_last_among_many_propagates(router):
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(2))
     x[-1, 0] = float("nan")
     assert torch.isnan(layer(x).output[-1]).all()
+
+
+@pytest.mark.parametrize("mode", list(TOKEN_CHOICE_MODES))
+@pytest.mark.parametrize("router,extra", [("noisy_topk", {}), ("topk", {"router_jitter": 0.2}),
+                                          ("sigmoid_bias", {"router_jitter": 0.2})])
+def test_nan_token_propagates_in_training(router, extra, mode):
+    """Training-only noise (noisy top-k, router jitter) must not hide a NaN either."""
+    layer = randomize(MoELayer(make_cfg(router, mode, **extra)), _seed(router, mode, "nan-train")).train()
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(12))
+    x[0, 7, 0] = float("nan")
+    assert torch.isnan(layer(x).output[0, 7]).all()

@@ -10,6 +10,7 @@ Three swappable pieces:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -119,7 +120,8 @@ def _is_python_source(data: str | None) -> bool:
         return True
     path = Path(data)
     if path.is_dir():
-        files = [f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")][:2000]
+        files = list(itertools.islice((f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")),
+                                      2000))
         return bool(files) and sum(f.suffix == ".py" for f in files) > len(files) / 2
     return path.suffix == ".py"
 
@@ -354,11 +356,11 @@ def format_specialization(spec: Specialization, *, top: int = 6) -> str:
         lines += ["", (f"layer {ls.layer}: consecutive tokens keep the same top-1 expert "
                        f"{ls.same_expert_rate:.1%} of the time (chance {ls.chance_rate:.1%}, {ratio:.1f}x)")]
         head = f"{'expert':>6} {'load':>6}" + "".join(f" {short.get(k, k)[:8]:>8}" for k in spec.kinds or [])
-        lines.append(head + "  most frequent tokens (count, share of that token's occurrences)")
+        lines.append(head + "  most frequent tokens \u00abtext\u00bb (count, share of that token's occurrences)")
         for ex in ls.experts:
             cells = "".join(f" {ex.kind_share[k]:>7.1%}{'*' if ex.kind_share[k] >= max(1.5 * ex.load, 0.05) else ' '}"
                             for k in spec.kinds or [])
-            toks = ", ".join(f"{show_token(t['token'])!r} {t['count']} ({t['token_share']:.0%})"
-                             for t in ex.top_tokens[:top])
+            toks = ", ".join(f"\u00ab{show_token(t['token'])}\u00bb {t['count']} ({t['token_share']:.0%})"
+                             for t in ex.top_tokens[:top]) or "(no tokens)"
             lines.append(f"{ex.expert:>6} {ex.load:>6.1%}{cells}  {toks}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ qwen3_moe, olmoe, ernie4_5_moe, deepseek_v3) becomes a moekit run directory that
 and ``moekit train --init-from`` read; its HF config.json is kept as hf_config.json so that converting
 back restores the architecture and the token ids.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,19 +20,33 @@ from pathlib import Path
 __all__ = ["main"]
 
 # tokenizer and generation files carried over in both directions when present
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit convert", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="a moekit run directory or a Hugging Face model directory")
     p.add_argument("dst", help="output directory (of the other kind)")
-    p.add_argument("--model-type", default=None,
-                   help="HF architecture to write (moekit -> HF); default: the first that expresses the model")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights (default: keep the source dtype)")
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="HF architecture to write (moekit -> HF); default: the first that expresses the model",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="cast the weights (default: keep the source dtype)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="HF shard size (moekit -> HF), e.g. 5GB, 500MB")
-    p.add_argument("--overwrite", action="store_true", help="write into a DST that already holds a config.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a DST that already holds a config.json"
+    )
     return p
 
 
@@ -68,15 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             (dst / "hf_config.json").write_text(json.dumps(model.hf_config, indent=2) + "\n")
             what = f"Hugging Face {model.hf_config['model_type']} -> moekit run directory"
         else:
-            raise ValueError(f"{src}: no config.json; expected a moekit run directory or a Hugging Face model "
-                             "directory")
+            raise ValueError(
+                f"{src}: no config.json; expected a moekit run directory or a Hugging Face model directory"
+            )
     except ValueError as e:
         print(f"moekit convert: {e}", file=sys.stderr)
         return 1
     carried = _carry(src, dst)
     params = model.num_params()
-    print(f"{what}: {dst} ({params['total_params']:,} parameters, {params['active_params']:,} active per token, "
-          f"{model.embed.weight.dtype}); copied {', '.join(carried) or 'no tokenizer files'}")
+    print(
+        f"{what}: {dst} ({params['total_params']:,} parameters, {params['active_params']:,} active per token, "
+        f"{model.embed.weight.dtype}); copied {', '.join(carried) or 'no tokenizer files'}"
+    )
     return 0
 
 

@@ -23,11 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", choices=("auto", "on", "off"), default="auto",
                    help="classify tokens as code/comment/string/whitespace (auto: when the text is Python)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from moekit.analysis.specialization import format_specialization, inspect_run
     from moekit.train.checkpoint import CheckpointError
 
@@ -52,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"moekit inspect: error: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        json.dump(spec.to_dict(), sys.stdout, indent=1, ensure_ascii=False)
-        print()
-    else:
-        print(format_specialization(spec, top=args.top))
+    try:
+        if args.json:
+            json.dump(spec.to_dict(), sys.stdout, indent=1, ensure_ascii=False)
+            print()
+        else:
+            print(format_specialization(spec, top=args.top))
+    except BrokenPipeError:  # `moekit inspect ... | head`
+        sys.stderr.close()
     return 0

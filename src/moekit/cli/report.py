@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report, or COMMON_PARENT/report)")
     p.add_argument("--spec-tokens", type=int, default=4096,
                    help="held-out tokens for the specialization tables (0 = skip; default 4096)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p
 
 
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.run_dirs[0] / "report"
     else:
         out = Path(os.path.commonpath([str(r.resolve()) for r in runs])) / "report"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from moekit.analysis.report import write_report
 
     path = write_report(runs, out, spec_tokens=args.spec_tokens)

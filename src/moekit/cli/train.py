@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
         if "compare" in given:
             summary = compare(mcfg, tcfg, out, data, seeds=given.get("seeds", 1))
+            if summary.get("interrupted"):
+                return 130
             print(format_summary(summary))
             print(f"summary: {out / 'summary.json'}")
             _maybe_report(out, summary)

@@ -4,8 +4,27 @@
 moekit run directory or an HF model directory. Architectures: mixtral, qwen2_moe, qwen3_moe, olmoe,
 ernie4_5_moe, deepseek_v3. transformers is never imported here (it is only the tests' reference).
 """
-from moekit.hf.api import (ADAPTERS, SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, from_pretrained,
-                           is_hf_dir, is_moekit_dir, load_any, save_pretrained)
 
-__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "from_pretrained",
-           "save_pretrained", "load_any", "is_hf_dir", "is_moekit_dir"]
+from moekit.hf.api import (
+    ADAPTERS,
+    SUPPORTED_MODEL_TYPES,
+    config_from_hf,
+    config_to_hf,
+    from_pretrained,
+    is_hf_dir,
+    is_moekit_dir,
+    load_any,
+    save_pretrained,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "SUPPORTED_MODEL_TYPES",
+    "config_from_hf",
+    "config_to_hf",
+    "from_pretrained",
+    "is_hf_dir",
+    "is_moekit_dir",
+    "load_any",
+    "save_pretrained",
+]

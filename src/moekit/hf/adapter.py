@@ -8,6 +8,7 @@ names that are stacked into moekit's (E, H, D) / (E, D, H) expert tensors, and p
 (e.g. the RoPE row permutation of checkpoints stored in the interleaved layout). Loading and saving
 below know nothing of any particular architecture.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,14 +22,16 @@ from torch import Tensor
 from moekit.hf.common import ShardReader
 from moekit.nn.transformer import ModelConfig
 
-__all__ = ["Adapter", "ExpertNames", "hf_name", "load_state", "save_entries", "Fields", "export_errors",
-           "interleave_to_half", "half_to_interleave", "refuse", "moe_layers", "common_hf"]
+__all__ = ["Adapter", "ExpertNames", "hf_name", "load_state", "save_entries"]
 
 Transform = Callable[[Tensor, ModelConfig, dict[str, Any]], Tensor]  # (tensor, moekit cfg, HF cfg)
 
 # moekit name -> HF name, outside the decoder layers
-GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight"}
+GLOBAL_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 # inside layer i ("layers.{i}." <-> "model.layers.{i}."), after an adapter's own renames; {moe} = MoE block prefix
 COMMON_RENAMES = (
     ("attn_norm.", "input_layernorm."),
@@ -65,7 +68,9 @@ class Adapter:
     architecture: str
     to_moekit: Callable[[dict[str, Any]], ModelConfig]
     from_moekit: Callable[[ModelConfig], dict[str, Any]]  # raises ValueError naming what cannot be expressed
-    renames: tuple[tuple[str, str], ...] = ()  # per-layer (moekit prefix, HF prefix), tried before COMMON_RENAMES
+    renames: tuple[
+        tuple[str, str], ...
+    ] = ()  # per-layer (moekit prefix, HF prefix), tried before COMMON_RENAMES
     experts: ExpertNames = ExpertNames()
     transforms: tuple[tuple[str, Transform, Transform], ...] = ()  # (moekit layer suffix, to moekit, to HF)
     keep_fp32: tuple[str, ...] = ("ffn.router.expert_bias",)  # moekit layer suffixes held in fp32
@@ -89,7 +94,7 @@ def hf_name(adapter: Adapter, key: str, moe_prefix: str) -> str:
         i, rest = m.groups()
         for src, dst in adapter.renames + COMMON_RENAMES:
             if rest.startswith(src):
-                return f"model.layers.{i}." + dst.format(moe=moe_prefix) + rest[len(src):]
+                return f"model.layers.{i}." + dst.format(moe=moe_prefix) + rest[len(src) :]
     raise ValueError(f"{adapter.model_type}: no HF name for moekit tensor {key!r}")
 
 
@@ -107,13 +112,19 @@ def _expert_keys(ex: ExpertNames, layer: str, moe: str, which: str, E: int) -> l
 def _moe_prefix(adapter: Adapter, reader: ShardReader) -> str:
     prefixes = (adapter.experts.prefix, *adapter.experts.alt_prefixes)
     for p in prefixes:
-        if any(f".{p}experts." in k or f".{p}gate." in k for k in reader.keys()):
+        if any(f".{p}experts." in k or f".{p}gate." in k for k in reader):
             return p
     return adapter.experts.prefix
 
 
-def load_state(adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any], reader: ShardReader,
-               meta_state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+def load_state(
+    adapter: Adapter,
+    cfg: ModelConfig,
+    hf_cfg: dict[str, Any],
+    reader: ShardReader,
+    meta_state: dict[str, Tensor],
+    dtype: torch.dtype,
+) -> dict[str, Tensor]:
     """Read every tensor of ``meta_state`` (a meta-device state dict) from ``reader``, in ``dtype``.
 
     1. plan: name every HF tensor each moekit tensor needs; report all missing, misshapen and unknown
@@ -164,31 +175,42 @@ def load_state(adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any], reade
             return True
         return any(p.fullmatch(k) for p in ignored)
 
-    unexpected = sorted(k for k in reader.keys() if k not in used and not is_ignored(k))
+    unexpected = sorted(k for k in reader if k not in used and not is_ignored(k))
     if missing or wrong or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensors {missing[:6]}" + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
+            parts.append(
+                f"missing tensors {missing[:6]}"
+                + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+            )
         if wrong:
             parts.append(f"tensors of the wrong shape {wrong[:6]}")
         if unexpected:
-            parts.append(f"tensors moekit does not know {unexpected[:6]}"
-                         + (f" (+{len(unexpected) - 6} more)" if len(unexpected) > 6 else "")
-                         + " (a feature moekit does not implement?)")
-        raise ValueError(f"{reader.path} ({adapter.model_type}) does not match its config.json: " + "; ".join(parts))
+            parts.append(
+                f"tensors moekit does not know {unexpected[:6]}"
+                + (f" (+{len(unexpected) - 6} more)" if len(unexpected) > 6 else "")
+                + " (a feature moekit does not implement?)"
+            )
+        raise ValueError(
+            f"{reader.path} ({adapter.model_type}) does not match its config.json: " + "; ".join(parts)
+        )
 
     state: dict[str, Tensor] = {}
     for name, t in meta_state.items():
         kind, src = plan[name]
         keep32 = _suffix(name) in adapter.keep_fp32 and t.is_floating_point()
-        dst = torch.empty(t.shape, dtype=torch.float32 if keep32 else dtype if t.is_floating_point() else t.dtype)
+        dst = torch.empty(
+            t.shape, dtype=torch.float32 if keep32 else dtype if t.is_floating_point() else t.dtype
+        )
         if kind == "plain":
             x = reader.get(src)
             tf = adapter.transform(_suffix(name), 0)
             if tf is not None:
                 x = tf(x, cfg, hf_cfg)
                 if tuple(x.shape) != tuple(t.shape):
-                    raise ValueError(f"{src}: checkpoint {reader.shape(src)} does not fit moekit {tuple(t.shape)}")
+                    raise ValueError(
+                        f"{src}: checkpoint {reader.shape(src)} does not fit moekit {tuple(t.shape)}"
+                    )
             dst.copy_(x)
         elif kind == "stack":
             for e, k in enumerate(src):
@@ -204,8 +226,9 @@ def load_state(adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any], reade
 
 
 # ----------------------------------------------------------------------------------------- saving
-def save_entries(adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any], state: dict[str, Tensor]
-                 ) -> Iterator[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
+def save_entries(
+    adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any], state: dict[str, Tensor]
+) -> Iterator[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
     """(HF name, shape, dtype, make_tensor) of every tensor to write, experts unstacked per expert."""
     moe = adapter.experts.prefix
     for name, t in state.items():
@@ -217,115 +240,9 @@ def save_entries(adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any], sta
             continue
         tf = adapter.transform(_suffix(name), 1)
         shape = tuple(tf(t.to("meta"), cfg, hf_cfg).shape) if tf else tuple(t.shape)
-        yield hf_name(adapter, name, moe), shape, t.dtype, (lambda t=t, tf=tf: tf(t, cfg, hf_cfg) if tf else t)
-
-
-# ------------------------------------------------------------------------------ config translation
-# transformers' attribute_map aliases: a config.json may use either name (e.g. Qwen3's saved configs
-# say num_local_experts, the hub's say num_experts)
-ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
-
-
-class Fields:
-    """Read an HF config dict with the architecture's defaults for absent keys; errors name the field."""
-
-    def __init__(self, hf: dict[str, Any], defaults: dict[str, Any], model_type: str):
-        self.hf, self.defaults, self.model_type = hf, defaults, model_type
-
-    def __call__(self, key: str) -> Any:
-        if key in self.hf:
-            return self.hf[key]
-        if ALIASES.get(key) in self.hf:
-            return self.hf[ALIASES[key]]
-        if key in self.defaults:
-            return self.defaults[key]
-        raise ValueError(f"{self.model_type} config.json has no {key!r}")
-
-    def unsupported(self, key: str, why: str) -> ValueError:
-        return ValueError(f"{self.model_type}: {key}={self(key)!r} is not supported by moekit ({why})")
-
-    def common(self) -> dict[str, Any]:
-        """ModelConfig fields every architecture shares; rejects what no adapter implements."""
-        f = self
-        if f.hf.get("quantization_config"):
-            raise ValueError(f"{f.model_type}: quantization_config={f.hf['quantization_config']!r} is not "
-                             "supported by moekit (dequantize the checkpoint first)")
-        if f("hidden_act") != "silu":
-            raise f.unsupported("hidden_act", "moekit's experts and MLPs are SwiGLU, i.e. silu only")
-        rope = f.hf.get("rope_parameters") or f.hf.get("rope_scaling") or {}
-        if "full_attention" in rope:  # per-layer-type RoPE: the same for every layer here
-            rope = rope["full_attention"]
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            key = "rope_parameters" if "rope_parameters" in f.hf else "rope_scaling"
-            raise ValueError(f"{f.model_type}: {key} rope_type={rope_type!r} is not supported by moekit "
-                             "(only plain RoPE, rope_type='default')")
-        if rope.get("partial_rotary_factor", f.hf.get("partial_rotary_factor", 1.0)) not in (None, 1, 1.0):
-            raise ValueError(f"{f.model_type}: partial_rotary_factor="
-                             f"{rope.get('partial_rotary_factor', f.hf.get('partial_rotary_factor'))!r} is not "
-                             "supported by moekit (RoPE over the whole head only)")
-        heads = f("num_attention_heads")
-        return dict(
-            vocab_size=f("vocab_size"), d_model=f("hidden_size"), n_layers=f("num_hidden_layers"),
-            n_heads=heads, n_kv_heads=f("num_key_value_heads") or heads,
-            head_dim=f.hf.get("head_dim") or f("hidden_size") // heads,
-            max_seq_len=f("max_position_embeddings"),
-            rope_theta=float(rope.get("rope_theta", f("rope_theta"))), norm_eps=float(f("rms_norm_eps")),
-            tie_embeddings=bool(f("tie_word_embeddings")), init_std=float(f("initializer_range")),
+        yield (
+            hf_name(adapter, name, moe),
+            shape,
+            t.dtype,
+            (lambda t=t, tf=tf: tf(t, cfg, hf_cfg) if tf else t),
         )
-
-
-def common_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
-    """HF config fields every architecture shares (the inverse of :meth:`Fields.common`)."""
-    return {
-        "architectures": [architecture], "model_type": model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "hidden_act": "silu",
-        "use_cache": True, "attention_dropout": 0.0,
-    }
-
-
-def export_errors(cfg: ModelConfig) -> list[str]:
-    """What no HF MoE architecture here can express, whatever the adapter."""
-    m = cfg.moe
-    errors = []
-    if cfg.dense:
-        errors.append("dense=True (no MoE layer)")
-    if m.activation != "swiglu":
-        errors.append(f"moe.activation={m.activation!r} (HF MoE experts are SwiGLU)")
-    if m.capacity_factor is not None:
-        errors.append(f"moe.capacity_factor={m.capacity_factor} drops tokens; HF MoE is dropless "
-                      "(set it to null in config.json to export the dropless model)")
-    return errors
-
-
-def refuse(model_type: str, errors: list[str]) -> None:
-    if errors:
-        raise ValueError(f"this model cannot be written as {model_type}: " + "; ".join(errors))
-
-
-def moe_layers(cfg: ModelConfig) -> list[int]:
-    return [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
-
-
-# ------------------------------------------------------------------------------------ RoPE layouts
-def _permute_rows(w: Tensor, heads: int, head: int, offset: int, rot: int, to_half: bool) -> Tensor:
-    """Within each of ``heads`` row blocks of size ``head``, reorder rows [offset, offset + rot):
-    interleaved pairs (0, 1), (2, 3), ... -> halves (0, 2, ... | 1, 3, ...) or back."""
-    rest = w.shape[1:]
-    w = w.reshape(heads, head, *rest)
-    r = w[:, offset:offset + rot]
-    r = (r.reshape(heads, rot // 2, 2, *rest) if to_half else r.reshape(heads, 2, rot // 2, *rest)).transpose(1, 2)
-    w = torch.cat([w[:, :offset], r.reshape(heads, rot, *rest), w[:, offset + rot:]], dim=1)
-    return w.reshape(heads * head, *rest)
-
-
-def interleave_to_half(w: Tensor, heads: int, head: int, offset: int = 0, rot: int | None = None) -> Tensor:
-    return _permute_rows(w, heads, head, offset, head if rot is None else rot, True)
-
-
-def half_to_interleave(w: Tensor, heads: int, head: int, offset: int = 0, rot: int | None = None) -> Tensor:
-    return _permute_rows(w, heads, head, offset, head if rot is None else rot, False)

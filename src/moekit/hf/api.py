@@ -5,6 +5,7 @@ once, in its final storage, from the (memory-mapped) shards: peak memory stays n
 weights. ``save_pretrained(model, path)`` writes config.json and safetensors shards in the hub layout
 (one tensor per expert) of the architecture that expresses the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from moekit.hf import arch_deepseek, arch_ernie, arch_mixtral, arch_olmoe, arch_qwen
 from moekit.hf.adapter import Adapter, load_state, save_entries
 from moekit.hf.common import CONFIG_FILE, ShardReader, parse_dtype, read_json, write_shards
 from moekit.nn.transformer import ModelConfig, MoETransformer
 
-__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "from_pretrained",
-           "save_pretrained", "load_any", "is_hf_dir", "is_moekit_dir"]
+__all__ = [
+    "ADAPTERS",
+    "SUPPORTED_MODEL_TYPES",
+    "config_from_hf",
+    "config_to_hf",
+    "from_pretrained",
+    "is_hf_dir",
+    "is_moekit_dir",
+    "load_any",
+    "save_pretrained",
+]
 
-ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (
-    arch_mixtral.ADAPTER, arch_qwen.QWEN2_MOE, arch_qwen.QWEN3_MOE, arch_olmoe.ADAPTER, arch_ernie.ADAPTER,
-    arch_deepseek.ADAPTER)}
+ADAPTERS: dict[str, Adapter] = {
+    a.model_type: a
+    for a in (
+        arch_mixtral.ADAPTER,
+        arch_qwen.QWEN2_MOE,
+        arch_qwen.QWEN3_MOE,
+        arch_olmoe.ADAPTER,
+        arch_ernie.ADAPTER,
+        arch_deepseek.ADAPTER,
+    )
+}
 SUPPORTED_MODEL_TYPES = tuple(ADAPTERS)
 TOKENIZER_FILE = "tokenizer.json"
 # HF config fields that moekit's ModelConfig does not hold, carried over when a loaded model is saved
@@ -32,8 +51,10 @@ _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def _adapter(model_type: Any, where: str) -> Adapter:
     if model_type not in ADAPTERS:
-        raise ValueError(f"{where}: model_type={model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(
+            f"{where}: model_type={model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     return ADAPTERS[model_type]
 
 
@@ -52,7 +73,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> tuple[str, 
             return name, adapter.from_moekit(cfg)
         except ValueError as e:
             reasons.append(str(e))
-    raise ValueError("no Hugging Face architecture moekit writes can express this model:\n  " + "\n  ".join(reasons))
+    raise ValueError(
+        "no Hugging Face architecture moekit writes can express this model:\n  " + "\n  ".join(reasons)
+    )
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -65,9 +88,24 @@ def is_moekit_dir(path: str | Path) -> bool:
     return p.is_file() and read_json(p).get("model_type", "moekit") == "moekit"
 
 
+class _SkipInit(TorchFunctionMode):
+    """Turns the in-place initialisers into no-ops while the meta model is built: every tensor is then
+    overwritten from the checkpoint, and running them on meta tensors would import torch's Python
+    decompositions (~70 MB resident, as much as a small model)."""
+
+    INIT = frozenset(
+        {"normal_", "uniform_", "zero_", "fill_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_"}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.INIT:
+            return next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
 def _materialise(cfg: ModelConfig, fill) -> MoETransformer:
     """Build the model on the meta device, then give every tensor its real storage from ``fill``."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = MoETransformer(cfg)
     state = fill(model.state_dict())
     model.load_state_dict(state, strict=True, assign=True)
@@ -96,8 +134,13 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     return model
 
 
-def save_pretrained(model: MoETransformer, path: str | Path, *, model_type: str | None = None,
-                    max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(
+    model: MoETransformer,
+    path: str | Path,
+    *,
+    model_type: str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
     """Write ``model`` as an HF checkpoint directory that transformers loads with AutoModelForCausalLM.
 
     The architecture is ``model_type``, else the one the model was loaded from, else the first that
@@ -110,7 +153,9 @@ def save_pretrained(model: MoETransformer, path: str | Path, *, model_type: str 
         model_type = source["model_type"]
     model_type, hf = config_to_hf(model.config, model_type)
     same_arch = source.get("model_type") == model_type
-    hf.update({k: source[k] for k in _PASSTHROUGH + ADAPTERS[model_type].passthrough if k in source and same_arch})
+    hf.update(
+        {k: source[k] for k in _PASSTHROUGH + ADAPTERS[model_type].passthrough if k in source and same_arch}
+    )
     hf["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
@@ -124,15 +169,20 @@ def _load_moekit_dir(path: Path, dtype: torch.dtype | None) -> MoETransformer:
 
     def fill(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with ShardReader(path) as reader:
-            missing = sorted(set(meta) - set(reader.keys()))
-            unexpected = sorted(set(reader.keys()) - set(meta))
-            wrong = [f"{k}: file {reader.shape(k)}, model {tuple(t.shape)}" for k, t in meta.items()
-                     if k in reader and reader.shape(k) != tuple(t.shape)]
+            missing = sorted(set(meta) - set(reader))
+            unexpected = sorted(set(reader) - set(meta))
+            wrong = [
+                f"{k}: file {reader.shape(k)}, model {tuple(t.shape)}"
+                for k, t in meta.items()
+                if k in reader and reader.shape(k) != tuple(t.shape)
+            ]
             if missing or unexpected or wrong:
-                raise ValueError(f"{path}: model.safetensors does not match config.json: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+                raise ValueError(
+                    f"{path}: model.safetensors does not match config.json: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+                )
             state = {}
-            for k, t in meta.items():
+            for k in meta:
                 x = reader.get(k)
                 keep = dtype is None or not x.is_floating_point() or k.endswith("expert_bias")
                 state[k] = x if keep else x.to(dtype)
@@ -153,7 +203,9 @@ def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
-        raise ValueError(f"{path}: no {CONFIG_FILE}; expected a moekit run directory or an HF model directory")
+        raise ValueError(
+            f"{path}: no {CONFIG_FILE}; expected a moekit run directory or an HF model directory"
+        )
     moekit_dir = is_moekit_dir(path)
     if moekit_dir:
         model = _load_moekit_dir(path, parse_dtype(dtype))
@@ -165,5 +217,7 @@ def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
     if (path / TOKENIZER_FILE).is_file():
         tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
         if moekit_dir:
-            tok.encode_special_tokens = True  # as moekit.data.tokenizer configures it (not stored in the file)
+            tok.encode_special_tokens = (
+                True  # as moekit.data.tokenizer configures it (not stored in the file)
+            )
     return model, tok

@@ -5,32 +5,59 @@ Reading never holds a second copy of the weights: tensors are read one at a time
 resident set until the file is closed, so :class:`ShardReader` closes and reopens a file every
 ``reopen_bytes`` read, which bounds that overhead whatever the shard size.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CONFIG_FILE", "INDEX_FILE", "SINGLE_FILE", "ShardReader", "read_json", "parse_size", "parse_dtype",
-           "write_shards"]
+__all__ = [
+    "CONFIG_FILE",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "ShardReader",
+    "parse_dtype",
+    "parse_size",
+    "read_json",
+    "write_shards",
+]
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -64,7 +91,7 @@ def parse_size(size: int | str) -> int:
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * base ** power)
+    return int(float(m.group(1)) * base**power)
 
 
 class ShardReader:
@@ -85,7 +112,8 @@ class ShardReader:
         elif (self.path / SINGLE_FILE).is_file():
             self.files = {}
             with self._open(self.path / SINGLE_FILE) as f:
-                self.files = dict.fromkeys(f.keys(), self.path / SINGLE_FILE)
+                names = f.keys()
+                self.files = dict.fromkeys(names, self.path / SINGLE_FILE)
         else:
             raise ValueError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -93,7 +121,8 @@ class ShardReader:
             if not file.is_file():
                 raise ValueError(f"{file}: missing (listed in {INDEX_FILE})")
             with self._open(file) as f:
-                for k in f.keys():
+                names = f.keys()
+                for k in names:
                     s = f.get_slice(k)
                     self._meta[k] = (tuple(s.get_shape()), s.get_dtype())
         absent = sorted(k for k in self.files if k not in self._meta)
@@ -109,11 +138,18 @@ class ShardReader:
     def _open(file: Path):
         try:
             return safe_open(str(file), framework="pt")
+        except FileNotFoundError:
+            raise ValueError(f"{file}: no such file") from None
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: cannot read safetensors ({e}); the file is truncated or damaged") from e
+            raise ValueError(
+                f"{file}: cannot read safetensors ({e}); the file is truncated or damaged"
+            ) from e
 
     def keys(self) -> list[str]:
         return list(self._meta)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
 
     def __contains__(self, key: str) -> bool:
         return key in self._meta
@@ -146,15 +182,18 @@ class ShardReader:
             self._handle.__exit__(None, None, None)
         self._handle, self._handle_file, self._read_since_open = None, None, 0
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def write_shards(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
-                 out: Path, max_shard_size: int | str = "5GB") -> list[Path]:
+def write_shards(
+    entries: Iterable[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
+    out: Path,
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
     """Write (key, shape, dtype, make_tensor) entries as HF safetensors shards (+ index when > 1).
 
     Tensors are produced one shard at a time, so saving holds at most one shard beyond the model.
@@ -175,8 +214,11 @@ def write_shards(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype, Call
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map = {}
     for name, shard in zip(names, shards):
         tensors = {}

@@ -1,6 +1,6 @@
 """Autoregressive decoding with the KV cache: greedy, temperature, top-k and top-p sampling.
 
-Legend: B batch, S prompt length, L cached length, V vocabulary.
+Legend: B batch, S prompt length, L current length (prompt + tokens so far), V vocabulary.
 
 Decoding, step by step:
 1. prefill: one forward over the whole (left-padded) prompt fills the KV cache; the last position's
@@ -83,6 +83,9 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
     ``generator`` (None = torch's global RNG). Rows that produced ``eos_id`` are filled with it, and
     decoding stops when all rows have. use_cache=False recomputes the whole sequence every step (the
     slow reference the cached path is tested against). The model runs in eval mode (no router noise).
+    Dropless token-choice routers give the same tokens with and without the cache; routers that
+    compare tokens with each other (expert_choice, a capacity_factor) route a token differently when it
+    is decoded alone, so there the two paths may differ.
     """
     _check_sampling(temperature, top_k, top_p)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -12,6 +12,7 @@ Per token only the normalised latent c (r) and one RoPE key k_rot (p, shared by 
 RoPE uses the 'rotate half' layout of moekit.nn.attention; checkpoints stored in the interleaved layout
 are permuted on load (moekit.hf), which leaves every q.k product unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,13 +60,13 @@ class MLAConfig:
 
     @property
     def scale(self) -> float:
-        return self.softmax_scale if self.softmax_scale is not None else self.qk_head_dim ** -0.5
+        return self.softmax_scale if self.softmax_scale is not None else self.qk_head_dim**-0.5
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MLAConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MLAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -93,13 +94,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(r, H * (n + v), bias=False)
         self.o_proj = nn.Linear(H * v, d_model, bias=False)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
         cfg, H = self.cfg, self.n_heads
         r, n, p, dv = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         B, S, _ = x_BSD.shape
         # 1. queries, split into the no-RoPE and RoPE parts of each head
-        q = self.q_proj(x_BSD) if self.q_proj is not None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
+        q = (
+            self.q_proj(x_BSD)
+            if self.q_proj is not None
+            else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
+        )
         q_BHSk = q.view(B, S, H, n + p).transpose(1, 2)
         q_nope, q_rot = q_BHSk.split([n, p], dim=-1)
         # 2. the latent c and the single RoPE key, which are what the cache keeps
@@ -117,6 +129,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_BHSk = torch.cat([q_nope, q_rot], dim=-1)
         # 4. attention; value and q/k head dims may differ
         is_causal = mask is None and L == S
-        o = F.scaled_dot_product_attention(q_BHSk, k_BHLk, v_BHLv, attn_mask=mask, is_causal=is_causal,
-                                           scale=cfg.scale)
+        o = F.scaled_dot_product_attention(
+            q_BHSk, k_BHLk, v_BHLv, attn_mask=mask, is_causal=is_causal, scale=cfg.scale
+        )
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H * dv))

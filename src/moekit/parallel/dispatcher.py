@@ -69,6 +69,10 @@ class AllToAllDispatcher:
         self.first_expert = self.rank * self.num_local
         self.meter = meter if meter is not None else CommMeter()
 
+    def __deepcopy__(self, memo: dict) -> AllToAllDispatcher:
+        # a copied layer (e.g. an EMA model) talks over the same process group and meter
+        return self
+
     def __call__(self, x_nD: Tensor, d: Dispatch, experts: GroupedExperts) -> Tensor:
         W, L = self.world_size, self.num_local
         if experts.num_experts != L:

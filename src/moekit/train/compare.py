@@ -50,6 +50,8 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
         for name, mcfg in (("moe", model_cfg), ("dense", dense_baseline(model_cfg))):
             run_dir = out_dir / name if seeds == 1 else out_dir / name / f"seed{seed}"
             res = train(mcfg, cfg.replace(seed=seed), run_dir, data, label=f"{name} seed {seed}")
+            if res.interrupted:  # SIGINT/SIGTERM: the run checkpointed; do not start the next one
+                return {"interrupted": True, "run_dir": str(run_dir)}
             row = _summary(res) | {"seed": seed, "run_dir": str(run_dir)}
             runs[name].append(row)
         moe_curve = _val_curve(Path(runs["moe"][-1]["run_dir"]))

@@ -162,7 +162,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
         shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
     train_data, val_data = data.train_dataset(), data.val_dataset()
     params = model.num_params() if dist is None else dist.num_params(model)  # [issue 7]
-    detector = CollapseDetector(cfg.dead_threshold, cfg.hot_threshold, cfg.collapse_window)
+    # routing is still settling during warmup: collapse is judged only after it
+    detector = CollapseDetector(cfg.dead_threshold, cfg.hot_threshold, cfg.collapse_window, cfg.warmup_steps)
 
     def checkpoint(step: int) -> None:
         if dist is not None:  # [issue 7] DCP checkpoint holding the global (E, ...) experts, reshardable
