@@ -12,7 +12,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("moekit.cli.generate", "sample text from a run directory"),
     "bench": ("moekit.bench.cli", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
     "spec": ("moekit.spec.cli", "total/active parameters, FLOPs and memory of a model"),
-    "demo": ("moekit.cli.demo", "a quick end-to-end MoE layer demo with real figures"),
     "convert": ("moekit.cli.convert", "convert a moekit run directory <-> a Hugging Face model directory"),
     "inspect": ("moekit.cli.inspect", "what each expert is routed: top tokens, kinds of text, expert persistence"),
     "report": ("moekit.cli.report", "HTML report of runs: losses, expert load, routing health, specialization"),

@@ -238,15 +238,17 @@ def _launch_torchrun(argv: list[str], nproc: int) -> int:
 def _distributed_context(given: dict[str, Any], run_dir: Path):
     """A DistributedContext when started by torchrun (WORLD_SIZE in the environment), or when resuming a
     DCP run on one process; None for a plain single-process run."""
-    from moekit.train.distributed import DCP_DIR, DistributedContext
-
     ep = given.get("ep", 1)
     if "WORLD_SIZE" not in os.environ:
         if ep != 1:
             raise ValueError(f"--ep {ep} needs a multiple of {ep} processes: add --nproc N or use torchrun")
-        if "resume" in given and (run_dir / DCP_DIR).is_dir():
+        if "resume" in given and (run_dir / "dcp").is_dir():  # "dcp" = moekit.train.distributed.DCP_DIR
+            # imported only here: torch.distributed.checkpoint costs seconds of start-up on a plain run
+            from moekit.train.distributed import DistributedContext
+
             return DistributedContext(None, run_dir)  # a distributed run, resumed on one process
         return None
+    from moekit.train.distributed import DistributedContext
     if "compare" in given:
         raise ValueError("--compare trains single-process runs; drop --nproc/--ep (or torchrun)")
     from moekit.parallel import build_groups, init_distributed, pick_backend

@@ -10,6 +10,7 @@ id between documents. This keeps the round trip exact for every input.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tokenize
 from collections import Counter
@@ -24,6 +25,7 @@ __all__ = [
     "MIN_VOCAB_SIZE",
     "TOKENIZER_FILE",
     "decode",
+    "document_separator",
     "encode",
     "eot_id",
     "load_tokenizer",
@@ -31,6 +33,7 @@ __all__ = [
     "save_tokenizer",
     "token_kinds",
     "train_tokenizer",
+    "vocab_extent",
 ]
 
 EOT = "<|endoftext|>"
@@ -105,6 +108,47 @@ def eot_id(tok: Tokenizer) -> int:
     if i is None:
         raise ValueError(f"tokenizer has no {EOT} token")
     return i
+
+
+def vocab_extent(tok: Tokenizer) -> int:
+    """1 + the largest id the tokenizer can produce (added tokens included): the smallest vocab_size that holds it."""
+    return max(tok.get_vocab_size(), max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
+
+
+def _json_or_empty(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return d if isinstance(d, dict) else {}
+
+
+def document_separator(tok: Tokenizer, model_dir: str | os.PathLike[str] | None = None) -> int | None:
+    """The id that ends each document in the token files of a model's own tokenizer (``None`` = none).
+
+    1. the tokenizer's EOT ``<|endoftext|>`` when it has one (every moekit tokenizer does);
+    2. else the model's end-of-sequence token from ``model_dir``: ``eos_token`` of tokenizer_config.json,
+       else ``eos_token_id`` of config.json, else of hf_config.json (the HF config ``moekit convert`` and
+       ``moekit train --init-from`` keep beside a moekit config.json); a list of ids gives its first;
+    3. else None: documents are concatenated without a separator.
+    """
+    i = tok.token_to_id(EOT)
+    if i is not None or model_dir is None:
+        return i
+    d = Path(model_dir)
+    eos = _json_or_empty(d / "tokenizer_config.json").get("eos_token")
+    if isinstance(eos, dict):  # a serialised AddedToken
+        eos = eos.get("content")
+    if isinstance(eos, str) and (i := tok.token_to_id(eos)) is not None:
+        return i
+    for name in ("config.json", "hf_config.json"):
+        v = _json_or_empty(d / name).get("eos_token_id")
+        v = v[0] if isinstance(v, list) and v else v
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+    return None
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:

@@ -6,7 +6,8 @@ An :class:`Adapter` holds, for one HF ``model_type``: a config translation each 
 tensor renames (moekit state-dict prefix -> HF prefix, first match wins), the per-expert tensor
 names that are stacked into moekit's (E, H, D) / (E, D, H) expert tensors, and per-tensor transforms
 (e.g. the RoPE row permutation of checkpoints stored in the interleaved layout). Loading and saving
-below know nothing of any particular architecture.
+below know nothing of any particular architecture; the config helpers the adapters share are in
+moekit.hf.fields, the adapters themselves in moekit.hf.arch_*.
 """
 
 from __future__ import annotations
@@ -64,13 +65,14 @@ class ExpertNames:
 
 @dataclass(frozen=True)
 class Adapter:
+    """One HF architecture: config translation both ways and the tensor-name tables (see module doc)."""
+
     model_type: str
     architecture: str
     to_moekit: Callable[[dict[str, Any]], ModelConfig]
     from_moekit: Callable[[ModelConfig], dict[str, Any]]  # raises ValueError naming what cannot be expressed
-    renames: tuple[
-        tuple[str, str], ...
-    ] = ()  # per-layer (moekit prefix, HF prefix), tried before COMMON_RENAMES
+    # per-layer (moekit prefix, HF prefix), tried before COMMON_RENAMES
+    renames: tuple[tuple[str, str], ...] = ()
     experts: ExpertNames = ExpertNames()
     transforms: tuple[tuple[str, Transform, Transform], ...] = ()  # (moekit layer suffix, to moekit, to HF)
     keep_fp32: tuple[str, ...] = ("ffn.router.expert_bias",)  # moekit layer suffixes held in fp32

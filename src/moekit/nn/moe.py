@@ -194,8 +194,8 @@ class MoELayer(nn.Module):
         importance = L.importance_loss(gates_TE) if n > 0 else zero
         aux = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z + cfg.importance_loss_coef * importance
         with torch.no_grad():
-            p = probs_TE if cfg.router != "sigmoid_bias" else probs_TE
-            entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean() if n > 0 else zero
+            # for sigmoid_bias this is the entropy of the normalised scores s / sum(s)
+            entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean() if n > 0 else zero
         stats = MoEStats(
             tokens_per_expert=counts_E.detach(),
             dropped=dropped.detach(),
