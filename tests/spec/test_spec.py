@@ -184,16 +184,48 @@ MOEKIT: list[dict[str, Any]] = [
     {"attn_bias": True, "qk_norm": True, "head_dim": 6,
      "moe": {**_MOEKIT_MOE, "activation": "gelu", "router": "noisy_topk", "num_shared_experts": 1}},
     {"dense": True, "moe": _MOEKIT_MOE},
+    # the attention variants of the HF architectures moekit loads (OLMoE, Qwen) and Qwen's dense layers
+    {"n_kv_heads": 2, "qk_norm": True, "qk_norm_scope": "full", "attn_bias": True, "attn_out_bias": True,
+     "clip_qkv": 8.0, "dense_layers": [1, 2], "moe": _MOEKIT_MOE},
+    {"qk_norm": True, "attn_out_bias": True, "head_dim": 6, "dense_layers": [0], "moe_every": 2, "moe": _MOEKIT_MOE},
+    # multi-head latent attention (DeepSeek-V3), with and without the q LoRA; ERNIE's softmax scores
+    {"mla": {"kv_lora_rank": 14, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 10},
+     "first_dense_layers": 1, "moe": {**_MOEKIT_MOE, "router": "sigmoid_bias", "score_func": "softmax",
+                                      "num_shared_experts": 1}},
+    {"mla": {"kv_lora_rank": 12, "qk_nope_head_dim": 0, "qk_rope_head_dim": 6, "v_head_dim": 5, "q_lora_rank": None},
+     "tie_embeddings": False, "moe": {**_MOEKIT_MOE, "router": "sigmoid_bias", "n_group": 2, "topk_group": 1}},
 ]
 
 
 @pytest.mark.parametrize("overrides", MOEKIT)
 def test_moekit_run_config_matches_moekit_model(overrides: dict[str, Any]) -> None:
     """A run directory's config.json (ModelConfig.to_dict) against the MoETransformer it builds."""
-    torch = pytest.importorskip("torch")
-    from moekit.model import ModelConfig, MoETransformer
+    from moekit.model import ModelConfig
 
-    cfg = ModelConfig(**{"vocab_size": 50, "d_model": 16, "n_layers": 4, "n_heads": 4, **overrides})
+    _check_moekit_counts(ModelConfig(**{"vocab_size": 50, "d_model": 16, "n_layers": 4, "n_heads": 4, **overrides}))
+
+
+@pytest.mark.parametrize("idx", [i for i, (m, _) in enumerate(TINY)
+                                 if m in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "ernie4_5_moe", "deepseek_v3")])
+def test_moekit_config_of_an_hf_model_matches_moekit_model(idx: int) -> None:
+    """The ModelConfig moekit.hf makes of an HF config (MLA, q/k norm scope, o bias, dense_layers, score_func)
+    and writes as a converted run's config.json, against the MoETransformer it builds."""
+    transformers = pytest.importorskip("transformers")
+    from moekit.hf import config_from_hf
+
+    model_type, kwargs = TINY[idx]
+    hf = json.loads(transformers.AutoConfig.for_model(model_type, **kwargs).to_json_string())
+    try:
+        cfg = config_from_hf(hf)
+    except ValueError as e:  # e.g. ERNIE's use_bias, DeepSeek's attention_bias
+        pytest.skip(f"moekit does not load this config: {e}")
+    _check_moekit_counts(cfg)
+
+
+def _check_moekit_counts(cfg: Any) -> None:
+    torch = pytest.importorskip("torch")
+    from moekit.model import MoETransformer
+
     with torch.device("meta"):
         model = MoETransformer(cfg)
     report = count_params(json.loads(json.dumps(cfg.to_dict())))

@@ -39,14 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(path: str) -> tuple[Any, Any]:
     """(model, tokenizer). A moekit run directory goes through ``moekit.infer.load_run``, which checks the
     weights against the checkpoint manifest and names the damaged file; any other directory (an HF model
-    directory) through ``moekit.hf.load_any`` when that package is present."""
+    directory) through ``moekit.hf.load_any`` when that package is present -- and so does a run directory
+    that keeps an HF model's config as hf_config.json (``moekit convert``, ``train --init-from``): its
+    tokenizer is the HF model's, which may have no <|endoftext|>, and its bos/eos ids are in that config."""
     from moekit.infer.generate import load_run
 
     try:
         from moekit.hf import is_moekit_dir, load_any
     except ImportError:  # moekit.hf is optional: run directories only
         return load_run(path)
-    if not (Path(path) / "config.json").is_file() or is_moekit_dir(path):
+    if not (Path(path) / "config.json").is_file() or (
+            is_moekit_dir(path) and not (Path(path) / "hf_config.json").is_file()):
         return load_run(path)
     model, tok = load_any(path)
     if tok is None:
@@ -54,9 +57,10 @@ def _load(path: str) -> tuple[Any, Any]:
     return model, tok
 
 
-def _special_ids(model: Any, tok: Any) -> tuple[int | None, int | None]:
-    """(start, end) token ids: moekit's document separator, else the HF config's bos/eos ids."""
-    from moekit.data import EOT
+def _special_ids(model: Any, tok: Any, path: str | None = None) -> tuple[int | None, int | None]:
+    """(start, end) token ids: moekit's document separator, else the HF config's bos/eos ids (the end, else
+    the eos token of ``path``'s tokenizer_config.json / config.json, as the training data separated them)."""
+    from moekit.data import EOT, document_separator
 
     eot = tok.token_to_id(EOT)
     if eot is not None:
@@ -66,7 +70,10 @@ def _special_ids(model: Any, tok: Any) -> tuple[int | None, int | None]:
     def first(v):
         return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
 
-    return first(hf.get("bos_token_id")), first(hf.get("eos_token_id"))
+    end = first(hf.get("eos_token_id"))
+    if end is None and path is not None:
+        end = document_separator(tok, path)
+    return first(hf.get("bos_token_id")), end
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model, tok = _load(args.run_dir)
-        start, end = _special_ids(model, tok)
+        start, end = _special_ids(model, tok, args.run_dir)
         prompt_ids = encode(tok, args.prompt) or ([start] if start is not None else [])
         if not prompt_ids:  # an empty prompt starts a new document, which needs a start token
             raise ValueError("the prompt is empty and the tokenizer has no start token: give --prompt")

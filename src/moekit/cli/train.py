@@ -1,6 +1,7 @@
 """`moekit train`: flags come from the TrainConfig fields plus the model's MoE knobs.
 
-Precedence: built-in defaults < --config FILE < explicit flags. --resume takes the run's own configs.
+Precedence: built-in defaults < --config FILE < explicit flags. --resume takes the run's own configs;
+--init-from PATH takes PATH's model (and tokenizer): only training flags apply then.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from moekit.config import ACTIVATIONS, DROP_POLICIES, ROUTERS, MoEConfig
 from moekit.nn.transformer import ModelConfig
 from moekit.train.config import TrainConfig
 
-__all__ = ["main", "default_model_config", "build_parser"]
+__all__ = ["build_parser", "default_model_config", "main", "resolve_configs", "resolve_init_configs"]
 
 # model flag -> (ModelConfig or MoEConfig field, type, help)
 MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -43,6 +44,8 @@ MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "first_dense_layers": ("first_dense_layers", int, "first k layers are dense"),
     "dense_hidden": ("dense_d_hidden", int, "hidden width of dense MLPs"),
 }
+# model flags that tune training only (loss weights, token dropping): they still apply with --init-from
+TRAINING_MODEL_FLAGS = ("capacity_factor", "drop_policy", "aux_loss_coef", "z_loss_coef", "importance_loss_coef")
 
 
 def default_model_config(vocab_size: int = 4096) -> ModelConfig:
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="train the dense baseline (same active parameters)")
     p.add_argument("--compare", action="store_true", help="train MoE and dense with the same data/steps/seed")
     p.add_argument("--seeds", type=int, help="with --compare: number of seed pairs (default 1)")
-    p.add_argument("--init-from", help="start from the weights of a run directory")
+    p.add_argument("--init-from", metavar="PATH", help="start from the model of a moekit run directory or "
+                   "a Hugging Face model directory: its architecture, weights and tokenizer.json")
     g = p.add_argument_group("training (TrainConfig)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -92,18 +96,26 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
-def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    given = vars(ns)
-    file_cfg: dict[str, Any] = {}
-    if "config" in given:
-        try:
-            file_cfg = json.loads(Path(given["config"]).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"moekit train: cannot read --config {given['config']}: {e}")
+def _file_config(given: dict[str, Any]) -> dict[str, Any]:
+    if "config" not in given:
+        return {}
+    try:
+        return json.loads(Path(given["config"]).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"moekit train: cannot read --config {given['config']}: {e}")
+
+
+def _train_config(given: dict[str, Any], file_cfg: dict[str, Any]) -> TrainConfig:
     train_d = TrainConfig().to_dict() | file_cfg.get("train", {})
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     train_d |= {k: v for k, v in given.items() if k in train_names}
-    tcfg = TrainConfig.from_dict(train_d)
+    return TrainConfig.from_dict(train_d)
+
+
+def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    given = vars(ns)
+    file_cfg = _file_config(given)
+    tcfg = _train_config(given, file_cfg)
     model_d = default_model_config(tcfg.vocab_size).to_dict()
     model_d.pop("model_type")
     for k, v in file_cfg.get("model", {}).items():
@@ -123,6 +135,30 @@ def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     return mcfg, tcfg
 
 
+def resolve_init_configs(ns: argparse.Namespace, init_cfg: ModelConfig) -> tuple[ModelConfig, TrainConfig]:
+    """--init-from PATH: the model is PATH's (``init_cfg``), retuned only by TRAINING_MODEL_FLAGS; training
+    flags and --config's "train" apply as usual. Anything that would change the architecture is refused."""
+    given = vars(ns)
+    where = f"--init-from {given['init_from']}"
+    file_cfg = _file_config(given)
+    refused = [f"--{f.replace('_', '-')}" for f in (*MODEL_FLAGS, "tie_embeddings", "dense", "compare", "resume")
+               if f in given and f not in TRAINING_MODEL_FLAGS]
+    if file_cfg.get("model"):
+        refused.append(f"the \"model\" section of --config {given['config']}")
+    if refused:
+        raise ValueError(f"{where} trains PATH's model as it is; {', '.join(refused)} would change its "
+                         "architecture (or start another kind of run): drop them")
+    tcfg = _train_config(given, file_cfg)
+    if "vocab_size" in given and given["vocab_size"] != init_cfg.vocab_size:
+        raise ValueError(f"{where}: --vocab-size {given['vocab_size']} differs from the model's vocab_size "
+                         f"{init_cfg.vocab_size}; the data is encoded with the model's own tokenizer: drop it")
+    if tcfg.seq_len > init_cfg.max_seq_len:
+        raise ValueError(f"{where}: --seq-len {tcfg.seq_len} exceeds the model's max_seq_len "
+                         f"{init_cfg.max_seq_len}")
+    moe = {MODEL_FLAGS[f][0].removeprefix("moe."): given[f] for f in TRAINING_MODEL_FLAGS if f in given}
+    return init_cfg.replace(moe=init_cfg.moe.replace(**moe)), tcfg.replace(vocab_size=init_cfg.vocab_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     given = vars(ns)
@@ -134,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     from moekit.train.loop import RoutingCollapsed, TrainingDiverged, train
 
     try:
-        if "resume" in given:
+        init = None
+        if "resume" in given and "init_from" not in given:
             run = Path(given["resume"])
             if not (run / "config.json").is_file():
                 print(f"moekit train: --resume {run}: no config.json there; not a moekit run directory",
@@ -144,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             tcfg = TrainConfig.from_json(run / "train_config.json")
             overrides = {k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
             tcfg = tcfg.replace(**overrides)
+        elif "init_from" in given:
+            from moekit.train.init import load_init
+
+            init = load_init(given["init_from"])
+            mcfg, tcfg = resolve_init_configs(ns, init.config)
         else:
             mcfg, tcfg = resolve_configs(ns)
         torch.set_num_threads(tcfg.threads or torch.get_num_threads())
@@ -151,17 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         dctx = _distributed_context(given, Path(given["resume"] if "resume" in given else
                                                 given.get("out", "runs/moe")))
         if "resume" in given:
+            from moekit.train.init import INIT_FILE
+
+            # a run started with --init-from encodes with its model's tokenizer, kept as the run's own
+            tok_path = run / "tokenizer.json" if (run / INIT_FILE).is_file() else None
             data = _rank0_first(dctx, lambda: prepare_data(run / "data", tcfg.data, tcfg.vocab_size,
-                                                           tcfg.max_data_bytes))
+                                                           tcfg.max_data_bytes, tokenizer_path=tok_path))
             res = train(mcfg, tcfg, _rank_dir(run, dctx), data, resume=True, label=run.name, dist=dctx)
             _report(res)
             return 130 if res.interrupted else 0
         default_out = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
         out = Path(given.get("out", default_out))
+        if init is not None and out.resolve() == init.path.resolve():
+            raise ValueError(f"--out {out} is the --init-from directory; write the new run elsewhere")
         data_dir = out / "data"
-        data = _rank0_first(dctx, lambda: prepare_data(data_dir, tcfg.data, tcfg.vocab_size,
-                                                       tcfg.max_data_bytes))  # [issue 7]
-        if data.vocab_size != mcfg.vocab_size:
+        tok_path = init.tokenizer_path if init is not None else None
+        data = _rank0_first(dctx, lambda: prepare_data(data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes,
+                                                       tokenizer_path=tok_path))  # [issue 7]
+        if init is None and data.vocab_size != mcfg.vocab_size:
             mcfg = mcfg.replace(vocab_size=data.vocab_size)
         print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
               f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
@@ -176,10 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         if "dense" in given:
             mcfg = dense_baseline(mcfg)
         init_state = None
-        if "init_from" in given:
-            from moekit.train.init import load_init_state
-
-            init_state = load_init_state(given["init_from"], mcfg)
+        if init is not None:
+            sep = "none" if init.separator is None else f"id {init.separator}"
+            print(f"init: {init.source} {init.path} | vocab {mcfg.vocab_size} | document separator {sep}",
+                  file=sys.stderr)
+            if dctx is None or dctx.is_main:
+                init.write_run_files(out)
+            init_state = init.state
         res = train(mcfg, tcfg, _rank_dir(out, dctx), data, init_state=init_state, label=out.name, dist=dctx)
         _report(res)
         return 130 if res.interrupted else 0

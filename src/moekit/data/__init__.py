@@ -18,6 +18,7 @@ from moekit.data.tokenizer import (
     CODE_KINDS,
     EOT,
     decode,
+    document_separator,
     encode,
     eot_id,
     load_tokenizer,
@@ -25,6 +26,7 @@ from moekit.data.tokenizer import (
     save_tokenizer,
     token_kinds,
     train_tokenizer,
+    vocab_extent,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "DocRef",
     "TokenDataset",
     "decode",
+    "document_separator",
     "encode",
     "eot_id",
     "load_corpus",
@@ -49,5 +52,6 @@ __all__ = [
     "token_kinds",
     "train_tokenizer",
     "unigram_entropy",
+    "vocab_extent",
     "write_tokens",
 ]

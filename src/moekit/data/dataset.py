@@ -4,13 +4,16 @@ Shape legend: B batch size, T sequence length, N tokens in a split file, V vocab
 
 A token file ``<split>.bin`` is a flat array of N ids (uint16 when V <= 2**16, else uint32)
 read through ``np.memmap``, with a sidecar ``<split>.json`` holding ``dtype``, ``length``,
-``vocab_size`` and ``eot_id``. Documents are joined as ``doc EOT doc EOT ...``.
+``vocab_size`` and ``eot_id``. Documents are joined as ``doc EOT doc EOT ...`` (with a model's own
+tokenizer, ``prepare_data(tokenizer_path=...)``: its separator, see ``document_separator``, or none).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -22,7 +25,15 @@ import torch
 from tokenizers import Tokenizer
 
 from moekit.data.corpus import load_corpus, source_id
-from moekit.data.tokenizer import TOKENIZER_FILE, eot_id, save_tokenizer, train_tokenizer
+from moekit.data.tokenizer import (
+    EOT,
+    TOKENIZER_FILE,
+    document_separator,
+    eot_id,
+    save_tokenizer,
+    train_tokenizer,
+    vocab_extent,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -70,18 +81,23 @@ def write_tokens(
     path: str | os.PathLike[str],
     *,
     separate_documents: bool = True,
+    separator: int | None = None,
 ) -> int:
     """Encode texts into the token file ``path`` (+ its ``.json`` sidecar); return the token count.
 
     Streams: texts are encoded ``encode_batch`` by ``encode_batch`` and appended to a temporary
     file, so only one batch of ids is in memory. The finished file is renamed into place, then
     the sidecar, so a reader never sees a half-written file with a valid sidecar.
-    separate_documents appends EOT after every text (False for chunks of one running text).
+    separate_documents appends the separator after every text (False for chunks of one running text):
+    ``separator``, default the tokenizer's EOT. The sidecar's ``eot_id`` is that separator (None if none).
     """
     path = Path(path)
-    vocab_size = tok.get_vocab_size()
+    sep = separator if separator is not None else tok.token_to_id(EOT)
+    if separate_documents and sep is None:
+        raise ValueError(f"tokenizer has no {EOT} token: pass separator=ID, or separate_documents=False")
+    vocab_size = max(vocab_extent(tok), 0 if sep is None else sep + 1)
     dtype = token_dtype(vocab_size)
-    eot_N = np.array([eot_id(tok)], dtype=dtype)
+    eot_N = np.array([0 if sep is None else sep], dtype=dtype)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
     try:
@@ -98,7 +114,7 @@ def write_tokens(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"dtype": dtype.name, "length": n, "vocab_size": vocab_size, "eot_id": int(eot_N[0])}
+    meta = {"dtype": dtype.name, "length": n, "vocab_size": vocab_size, "eot_id": sep}
     _atomic_write_json(path.with_suffix(".json"), meta)
     return n
 
@@ -119,7 +135,7 @@ class TokenDataset:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         self.dtype = np.dtype(meta["dtype"])
         self.vocab_size: int = meta["vocab_size"]
-        self.eot_id: int = meta["eot_id"]
+        self.eot_id: int | None = meta["eot_id"]  # None: documents were joined without a separator
         length: int = meta["length"]
         size = self.path.stat().st_size
         if size != length * self.dtype.itemsize:
@@ -194,7 +210,7 @@ class DataInfo:
     val_path: Path
     source: str
     vocab_size: int
-    eot_id: int
+    eot_id: int | None  # the document separator; None with a model tokenizer that has none
     train_tokens: int
     val_tokens: int
     train_docs: int
@@ -244,6 +260,7 @@ def prepare_data(
     max_files: int | None = None,
     val_fraction: float = 0.05,
     force: bool = False,
+    tokenizer_path: str | os.PathLike[str] | None = None,
 ) -> DataInfo:
     """Build ``tokenizer.json``, ``train.bin`` and ``val.bin`` (+ sidecars, ``meta.json``) in out_dir.
 
@@ -251,29 +268,55 @@ def prepare_data(
     already holds a build with the same source and parameters it is reused, not rebuilt; the
     source's contents are not fingerprinted, so pass force=True after editing the data.
     seed salts the split/order hash (0 = the canonical split).
+
+    tokenizer_path: a model's own ``tokenizer.json`` (or the directory holding it) to encode with instead
+    of training a BPE; vocab_size is then ignored. It is copied into out_dir, documents are separated as
+    ``document_separator(tok, its directory)`` says, and its contents (not its path) key the reuse.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
+    tok = sep = None
     request = {"format": _FORMAT, "source": source_id(data), "vocab_size": vocab_size,
                "max_bytes": max_bytes, "max_files": max_files, "val_fraction": val_fraction, "seed": seed}
+    if tokenizer_path is not None:
+        src = Path(tokenizer_path)
+        src = src / TOKENIZER_FILE if src.is_dir() else src
+        if not src.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(src)!r} does not exist")
+        tok = Tokenizer.from_file(str(src))
+        tok.encode_special_tokens = True  # as moekit's own: a document's text never yields a special token
+        sep = document_separator(tok, src.parent)
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        request |= {"vocab_size": None, "tokenizer": {"sha256": digest, "separator": sep}}
     if not force and (reused := _load_reusable(out, request)) is not None:
         return reused
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # meta.json is written last: its presence means complete
 
-    # 1. scan the corpus (document references only) and train the tokenizer on the train split
+    # 1. scan the corpus (document references only) and train the tokenizer on the train split (or copy
+    #    the model's own, byte for byte)
     corpus = load_corpus(data, val_fraction, max_bytes, max_files, seed)
-    tok = train_tokenizer(corpus.iter_texts("train"), vocab_size, length=len(corpus.train))
-    tok_path = save_tokenizer(tok, out / TOKENIZER_FILE)
+    if tok is None:
+        tok = train_tokenizer(corpus.iter_texts("train"), vocab_size, length=len(corpus.train))
+        tok_path = save_tokenizer(tok, out / TOKENIZER_FILE)
+        sep = eot_id(tok)
+    else:
+        tok_path = out / TOKENIZER_FILE
+        if not (tok_path.exists() and tok_path.resolve() == src.resolve()):
+            tmp = tok_path.with_name(f".{tok_path.name}.tmp-{os.getpid()}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, tok_path)
     # 2. stream both splits into token files
     paths = {split: out / f"{split}.bin" for split in ("train", "val")}
-    counts = {split: write_tokens(tok, corpus.iter_texts(split), p, separate_documents=corpus.separate_documents)
+    separate = corpus.separate_documents and sep is not None
+    counts = {split: write_tokens(tok, corpus.iter_texts(split), p, separate_documents=separate, separator=sep)
               for split, p in paths.items()}
     # 3. the no-context baseline that validation loss should fall well below
-    entropy = unigram_entropy(TokenDataset(paths["train"]).tokens_N, tok.get_vocab_size())
+    vocab = TokenDataset(paths["train"]).vocab_size
+    entropy = unigram_entropy(TokenDataset(paths["train"]).tokens_N, vocab)
     info = DataInfo(
         out_dir=out, tokenizer_path=tok_path, train_path=paths["train"], val_path=paths["val"],
-        source=corpus.source, vocab_size=tok.get_vocab_size(), eot_id=eot_id(tok),
+        source=corpus.source, vocab_size=vocab, eot_id=sep,
         train_tokens=counts["train"], val_tokens=counts["val"],
         train_docs=len(corpus.train), val_docs=len(corpus.val),
         train_bytes=corpus.num_bytes("train"), val_bytes=corpus.num_bytes("val"),

@@ -127,6 +127,22 @@ class _Tally:
         self.add("attention", h if sinks else 0)  # gpt-oss per-head attention sinks
         self.attention.append(AttentionLayer(h, dh, dh, 2 * hkv * dh, window))
 
+    def mla(self, d: int, h: int, q_rank: int | None, kv_rank: int, nope: int, rope: int, v_dim: int, *,
+            bias: bool = False) -> None:
+        """Multi-head latent attention (DeepSeek-V3; ``bias`` on q_a, kv_a and o as its attention_bias)."""
+        if q_rank:  # q_a_proj D->Rq, q_a_layernorm, q_b_proj Rq->H*(nope+rope)
+            self.linear("attention", d, q_rank, bias=bias)
+            self.add("norms", q_rank)
+            self.linear("attention", q_rank, h * (nope + rope))
+        else:
+            self.linear("attention", d, h * (nope + rope))
+        self.linear("attention", d, kv_rank + rope, bias=bias)  # kv_a_proj_with_mqa
+        self.add("norms", kv_rank)  # kv_a_layernorm
+        self.linear("attention", kv_rank, h * (nope + v_dim))  # kv_b_proj
+        self.linear("attention", h * v_dim, d, bias=bias)  # o_proj
+        # MLA caches the compressed latent and the shared rope key, not per-head K and V
+        self.attention.append(AttentionLayer(h, nope + rope, v_dim, kv_rank + rope))
+
     def finish(self, cfg: dict, *, v: int, d: int, tied: bool, norm: int = 1, lm_bias: bool = False,
                e: int = 0, k: int = 0, n_layers: int | None = None) -> SpecReport:
         """Input embedding, final norm and LM head, then freeze. ``norm``: params per norm element."""
@@ -247,18 +263,7 @@ def _deepseek_v3(cfg: dict) -> SpecReport:
     first_dense, bias = _get(cfg, "first_k_dense_replace", default=3), _get(cfg, "attention_bias", default=False)
     t = _Tally()
     for i in range(n_layers):
-        if q_rank:  # q_a_proj D->Rq, q_a_layernorm, q_b_proj Rq->H*(nope+rope)
-            t.linear("attention", d, q_rank, bias=bias)
-            t.add("norms", q_rank)
-            t.linear("attention", q_rank, h * (nope + rope))
-        else:
-            t.linear("attention", d, h * (nope + rope))
-        t.linear("attention", d, kv_rank + rope, bias=bias)  # kv_a_proj_with_mqa
-        t.add("norms", kv_rank)  # kv_a_layernorm
-        t.linear("attention", kv_rank, h * (nope + v_dim))  # kv_b_proj
-        t.linear("attention", h * v_dim, d, bias=bias)  # o_proj
-        # MLA caches the compressed latent and the shared rope key, not per-head K and V
-        t.attention.append(AttentionLayer(h, nope + rope, v_dim, kv_rank + rope))
+        t.mla(d, h, q_rank, kv_rank, nope, rope, v_dim, bias=bias)
         if i >= first_dense:
             t.moe(d, e, k, f, score_bias=e)
             t.mlp("shared_experts", d, f * _get(cfg, "n_shared_experts", default=1))
@@ -339,14 +344,19 @@ def _switch_transformers(cfg: dict) -> SpecReport:
 def _moekit(cfg: dict) -> SpecReport:
     """moekit's ModelConfig JSON (``ModelConfig.to_dict``, a run directory's config.json), kept here alone.
 
-    Mirrors moekit.nn.transformer: RMSNorm pre-norm blocks; q/k/v biases with ``attn_bias``, per-head
-    q/k norms with ``qk_norm``; layer i is MoE when not ``dense``, ``i >= first_dense_layers`` and
-    ``(i + 1) % moe_every == 0``; dense layers are SwiGLU of ``dense_d_hidden`` (default top_k·d_hidden).
+    Mirrors moekit.nn.transformer: RMSNorm pre-norm blocks; q/k/v biases with ``attn_bias``, an o_proj bias
+    with ``attn_out_bias``, q/k norms with ``qk_norm`` (per head, or over the whole projection when
+    ``qk_norm_scope`` is "full"; ``clip_qkv`` has no weights); ``mla`` replaces all of that attention with
+    multi-head latent attention (bias-free, as moekit.nn.mla builds it). Layer i is MoE when not ``dense``,
+    ``i >= first_dense_layers``, ``(i + 1) % moe_every == 0`` and i not in ``dense_layers``; dense layers
+    are SwiGLU of ``dense_d_hidden`` (default top_k·d_hidden). ``moe.score_func`` changes no weight.
     """
     d, h, n_layers, moe = _get(cfg, "d_model"), _get(cfg, "n_heads"), _get(cfg, "n_layers"), _get(cfg, "moe")
     hkv, dh = _get(cfg, "n_kv_heads", default=h), _get(cfg, "head_dim", default=d // h)
     bias, qk_norm = _get(cfg, "attn_bias", default=False), _get(cfg, "qk_norm", default=False)
+    out_bias, full_qk = _get(cfg, "attn_out_bias", default=False), cfg.get("qk_norm_scope") == "full"
     dense, first_dense = _get(cfg, "dense", default=False), _get(cfg, "first_dense_layers", default=0)
+    dense_layers, mla = set(_get(cfg, "dense_layers", default=())), cfg.get("mla")
     e, k, f = _get(moe, "num_experts"), _get(moe, "top_k", default=2), _get(moe, "d_hidden")
     gated, router = moe.get("activation", "swiglu") == "swiglu", moe.get("router", "topk")
     if router == "dense":
@@ -355,8 +365,15 @@ def _moekit(cfg: dict) -> SpecReport:
         k = min(e, round(k * (moe.get("capacity_factor") or 1.0)))
     t = _Tally()
     for i in range(n_layers):
-        t.gqa(d, h, hkv, dh, qkv_bias=bias, qk_norm=(dh, dh) if qk_norm else (0, 0))
-        if not dense and i >= first_dense and (i + 1) % _get(cfg, "moe_every", default=1) == 0:
+        if mla:  # moekit.nn.mla: bias-free; MLAConfig's defaults for absent fields
+            t.mla(d, h, mla.get("q_lora_rank", 1536), _get(mla, "kv_lora_rank", default=512),
+                  _get(mla, "qk_nope_head_dim", default=128), _get(mla, "qk_rope_head_dim", default=64),
+                  _get(mla, "v_head_dim", default=128))
+        else:
+            norms = ((h * dh, hkv * dh) if full_qk else (dh, dh)) if qk_norm else (0, 0)
+            t.gqa(d, h, hkv, dh, qkv_bias=bias, o_bias=out_bias, qk_norm=norms)
+        if (not dense and i >= first_dense and (i + 1) % _get(cfg, "moe_every", default=1) == 0
+                and i not in dense_layers):
             t.moe(d, e, k, f, gated=gated, score_bias=e if router == "sigmoid_bias" else 0)
             t.add("router", d * e if router == "noisy_topk" else 0)  # w_noise: training-time noise scale
             shared = _get(moe, "num_shared_experts", default=0)
