@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.ops.expert_threads import for_each_expert
+
 __all__ = ["grouped_ffn_combine"]
 
 
@@ -39,15 +41,6 @@ def _act_grad(name: str, z: Tensor) -> Tensor:
         pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
         return cdf + z * pdf
     return (z > 0).to(z.dtype)
-
-
-def _runs(counts: list[int]):
-    """(expert, row slice) for every expert with at least one row."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
 
 
 def _expert_grad_buffer(w: Tensor, counts: list[int]) -> Tensor:
@@ -73,16 +66,17 @@ class _GroupedFFNCombine(torch.autograd.Function):
         u_AH = x_TD.new_empty(A, H)
         g_AH = x_TD.new_empty(A, H) if gated else None
         # 2. up (and gate) projections: one matmul per expert over its contiguous run
-        for e, sl in _runs(counts):
+        def up_gate(e: int, sl: slice) -> None:
             torch.mm(xs_AD[sl], w_up[e].t(), out=u_AH[sl])
             if gated:
                 torch.mm(xs_AD[sl], w_gate[e].t(), out=g_AH[sl])
+
+        for_each_expert(counts, up_gate, x_TD.device)
         del xs_AD
         h_AH = F.silu(g_AH).mul_(u_AH) if gated else _act(activation, u_AH)
         # 3. down projection, then the combine weight and a scatter-add back to token order
         y_AD = x_TD.new_empty(A, x_TD.shape[1])
-        for e, sl in _runs(counts):
-            torch.mm(h_AH[sl], w_down[e].t(), out=y_AD[sl])
+        for_each_expert(counts, lambda e, sl: torch.mm(h_AH[sl], w_down[e].t(), out=y_AD[sl]), x_TD.device)
         y_AD.mul_(weight_A.to(y_AD.dtype).unsqueeze(1))
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
         ctx.save_for_backward(x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH)
@@ -109,10 +103,12 @@ class _GroupedFFNCombine(torch.autograd.Function):
         dh_AH = x_TD.new_empty(A, H)
         gyw_AD = gy_AD * w_A1
         dw_down = _expert_grad_buffer(w_down, counts) if need_wd else None
-        for e, sl in _runs(counts):
+        def down_grads(e: int, sl: slice) -> None:
             torch.mm(gy_AD[sl], w_down[e], out=dh_AH[sl])
             if need_wd:
                 torch.mm(gyw_AD[sl].t(), h_AH[sl], out=dw_down[e])
+
+        for_each_expert(counts, down_grads, x_TD.device)
         del gy_AD, gyw_AD
         # 3. combine-weight gradient <g_t, y_a> = <g_t @ w_down, h_a>; then through the activation
         gw = (dh_AH * h_AH).sum(dim=1).to(weight_A.dtype) if need_w else None
@@ -131,7 +127,7 @@ class _GroupedFFNCombine(torch.autograd.Function):
         dw_gate = _expert_grad_buffer(w_gate, counts) if (gated and need_wg) else None
         dw_up = _expert_grad_buffer(w_up, counts) if need_wu else None
         dx_AD = torch.empty_like(xs_AD) if need_x else None
-        for e, sl in _runs(counts):
+        def input_grads(e: int, sl: slice) -> None:
             if need_wu:
                 torch.mm(du_AH[sl].t(), xs_AD[sl], out=dw_up[e])
             if gated and need_wg:
@@ -140,6 +136,8 @@ class _GroupedFFNCombine(torch.autograd.Function):
                 torch.mm(du_AH[sl], w_up[e], out=dx_AD[sl])
                 if gated:
                     dx_AD[sl].addmm_(dg_AH[sl], w_gate[e])
+
+        for_each_expert(counts, input_grads, x_TD.device)
         dx_TD = torch.zeros_like(x_TD).index_add_(0, token_A, dx_AD) if need_x else None
         return dx_TD, None, gw, dw_gate, dw_up, dw_down, None, None
 

@@ -12,7 +12,7 @@ __all__ = ["TrainConfig"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = 0
     data: str | None = None  # None = the running Python's standard library sources
     vocab_size: int = 4096
-    max_data_bytes: int = 8_000_000
+    max_data_bytes: int = 16_000_000
     threads: int | None = None
     # collapse detection (see moekit.analysis)
     dead_threshold: float = 0.02  # an expert below this share of its layer's assignments ...
