@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/moekit train --compare --out runs/compare
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/moekit bench layer --shape all
