@@ -386,3 +386,19 @@ def test_token_kinds() -> None:
     ids = encode(tok, KINDS_SRC)
     assert len(kinds) == len(ids) and set(kinds) == {"code", "comment/docstring", "string", "whitespace"}
     assert kinds[0] == "comment/docstring" and decode(tok, ids[:1]) in '"""Module doc."""'
+
+
+def test_stdlib_corpus_leaves_out_generated_codec_tables():
+    """encodings/cp1252.py and friends are gencodec output: out; hand-written codecs (idna.py) stay."""
+    from moekit.data.corpus import is_generated_codec, stdlib_corpus
+
+    corpus = stdlib_corpus(val_fraction=0.05)
+    names = {Path(str(d.path)).as_posix().split("/encodings/")[-1] for d in corpus.train + corpus.val
+             if "/encodings/" in Path(str(d.path)).as_posix()}
+    assert "cp1252.py" not in names and "mac_roman.py" not in names
+    assert "idna.py" in names and "__init__.py" in names
+    import encodings.cp1252
+    import encodings.idna
+
+    assert is_generated_codec(Path(encodings.cp1252.__file__))
+    assert not is_generated_codec(Path(encodings.idna.__file__))

@@ -47,7 +47,7 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 8_000_000  # ~2.4M tokens at V=4096: plenty for a few hundred steps of 16 x 256
 META_FILE = "meta.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: stdlib corpus without generated codec tables
 _ENCODE_BATCH_BYTES = 1 << 20  # text per encode_batch call: bounds memory, keeps all cores busy
 
 
