@@ -263,7 +263,5 @@ class MoETransformer(nn.Module):
             E, k = m.cfg.num_experts, m.cfg.top_k
             active_experts = E if m.cfg.router == "dense" else k
             inactive += (E - active_experts) * per_expert
-        active = total - inactive
-        if self.lm_head is None:  # tied: the same matrix is embedding and head, counted once
-            pass
+        active = total - inactive  # tied embeddings are one parameter, so counted once
         return {"total_params": total, "active_params": active}
