@@ -12,13 +12,13 @@ __all__ = ["main"]
 
 
 def _table(results: list[dict]) -> str:
-    hdr = (f"{'shape':8s} {'implementation':26s} {'fwd ms':>9s} {'fwd x dense':>11s} {'fwd GF/s':>9s} "
+    hdr = (f"{'shape':8s} {'implementation':30s} {'fwd ms':>9s} {'fwd x dense':>11s} {'fwd GF/s':>9s} "
            f"{'f+b ms':>9s} {'f+b x dense':>11s} {'f+b GF/s':>9s} {'act mem x dense':>15s}")
     lines = [hdr, "-" * len(hdr)]
     for res in results:
         for name, r in res["impls"].items():
             f, b = r["fwd"], r["fwd_bwd"]
-            lines.append(f"{res['shape']['key']:8s} {name:26s} {f['median_s'] * 1e3:9.2f} {f['x_dense']:10.2f}x "
+            lines.append(f"{res['shape']['key']:8s} {name:30s} {f['median_s'] * 1e3:9.2f} {f['x_dense']:10.2f}x "
                          f"{f['gflops']:9.1f} {b['median_s'] * 1e3:9.2f} {b['x_dense']:10.2f}x {b['gflops']:9.1f} "
                          f"{r['memory_x_dense']:14.2f}x")
     return "\n".join(lines)
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--warmup", type=int, default=2)
     lay.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     lay.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
+    lay.add_argument("--no-compile", action="store_true",
+                     help="skip the torch.compile'd moekit rows (compiling takes ~1 min per shape)")
     lay.add_argument("--json", help="write all timings here")
     args = p.parse_args(argv)
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         reps = args.reps if s.tokens > 64 else max(args.reps, 21)
         print(f"shape {key} ({s.name}): d_model {s.d_model}, hidden {s.hidden}, {s.experts} experts, top-{s.top_k}, "
               f"{s.tokens} tokens, {args.dtype}, {args.threads} threads ...", file=sys.stderr, flush=True)
-        results.append(bench_shape(s, args.warmup, reps, dtype, not args.no_hf))
+        results.append(bench_shape(s, args.warmup, reps, dtype, not args.no_hf,
+                                   lambda m: print(m, file=sys.stderr, flush=True), not args.no_compile))
     print(_table(results))
     print("x dense = dense-equivalent time / time (higher is better); medians of interleaved repetitions")
     if args.json:

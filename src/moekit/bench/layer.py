@@ -96,7 +96,27 @@ def _hf_block(s: Shape, impl: str, src: MoELayer):
     return block, f"hf-{kind}-{impl}"
 
 
-def build_impls(s: Shape, dtype=torch.float32, with_hf: bool = True) -> list[Impl]:
+def _compiled(layer: MoELayer, s: Shape, dtype, log: Callable[[str], None] | None) -> Impl | None:
+    """``torch.compile`` (inductor, whole graph) of a moekit layer, compiled here for both modes;
+    None (with a logged reason) where this machine cannot compile (e.g. no C++ compiler)."""
+    compiled = torch.compile(layer, fullgraph=True)
+    try:
+        x = torch.randn(1, s.tokens, s.d_model, dtype=dtype)
+        with torch.no_grad():
+            compiled(x)
+        compiled(x.requires_grad_(True)).output.sum().backward()
+        layer.zero_grad(set_to_none=True)
+    except Exception as e:  # noqa: BLE001 - any compiler failure only drops this row
+        if log:
+            log(f"  torch.compile unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:120]}); row skipped")
+        return None
+    cap = layer.cfg.capacity_factor
+    name = "moekit-dropless-compiled" if cap is None else f"moekit-capacity{cap:g}-compiled"
+    return Impl(name, layer, lambda x, m=compiled: m(x).output, "torch.compile(layer, fullgraph=True), inductor")
+
+
+def build_impls(s: Shape, dtype=torch.float32, with_hf: bool = True, with_compiled: bool = False,
+                log: Callable[[str], None] | None = None) -> list[Impl]:
     torch.manual_seed(0)
     dense = MLP(s.d_model, s.top_k * s.hidden, "swiglu").to(dtype)
     for p in dense.parameters():
@@ -109,6 +129,13 @@ def build_impls(s: Shape, dtype=torch.float32, with_hf: bool = True) -> list[Imp
         Impl("moekit-dropless", dropless, lambda x, m=dropless: m(x).output, "softmax top-k, dropless"),
         Impl("moekit-capacity1.25", capped, lambda x, m=capped: m(x).output, "capacity factor 1.25, probs drops"),
     ]
+    if with_compiled:
+        for layer in (dropless, capped):
+            twin = _moekit(s, layer.cfg.capacity_factor, dtype)
+            twin.load_state_dict(dropless.state_dict())
+            im = _compiled(twin, s, dtype, log)
+            if im is not None:
+                impls.append(im)
     if with_hf:
         try:
             for impl in ("eager", "grouped_mm"):
@@ -143,9 +170,9 @@ def _time(fn) -> float:
 
 
 def bench_shape(s: Shape, warmup: int = 2, reps: int = 7, dtype=torch.float32, with_hf: bool = True,
-                log: Callable[[str], None] | None = None) -> dict:
+                log: Callable[[str], None] | None = None, with_compiled: bool = False) -> dict:
     """Time every implementation on one shape; returns a dict of per-implementation results."""
-    impls = build_impls(s, dtype, with_hf)
+    impls = build_impls(s, dtype, with_hf, with_compiled, log)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, s.tokens, s.d_model, generator=gen).to(dtype)
     gy = torch.randn(1, s.tokens, s.d_model, generator=gen).to(dtype)

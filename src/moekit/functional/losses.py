@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.functional.routing import expert_counts
+
 __all__ = ["load_balancing_loss", "sequence_balancing_loss", "z_loss", "importance_loss", "expert_bias_update"]
 
 
@@ -19,7 +21,7 @@ def load_balancing_loss(probs: Tensor, expert_indices: Tensor, num_experts: int)
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    counts_E = torch.bincount(expert_indices.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts_E = expert_counts(expert_indices, num_experts).to(probs.dtype)
     f_E = counts_E / expert_indices.numel()
     P_E = probs.mean(dim=0)
     return num_experts * (f_E * P_E).sum()
@@ -36,7 +38,7 @@ def sequence_balancing_loss(probs: Tensor, expert_indices: Tensor, seq_ids: Tens
     K = expert_indices.shape[1]
     if T == 0:
         return probs.new_zeros(())
-    tokens_B = torch.bincount(seq_ids, minlength=num_seqs).to(probs.dtype)
+    tokens_B = expert_counts(seq_ids, num_seqs).to(probs.dtype)  # tokens per sequence
     counts_BE = torch.zeros(num_seqs, E, dtype=probs.dtype, device=probs.device)
     counts_BE.index_put_((seq_ids.repeat_interleave(K), expert_indices.reshape(-1)),
                          torch.ones((), dtype=probs.dtype, device=probs.device).expand(T * K), accumulate=True)
@@ -46,7 +48,7 @@ def sequence_balancing_loss(probs: Tensor, expert_indices: Tensor, seq_ids: Tens
     f_BE = counts_BE / (denom_B * K).unsqueeze(1)
     P_BE = P_BE / denom_B.unsqueeze(1)
     per_seq_B = num_experts * (f_BE * P_BE).sum(dim=1)
-    return per_seq_B[present_B].mean()
+    return (per_seq_B * present_B).sum() / present_B.sum()  # mean over present sequences, static shapes
 
 
 def z_loss(logits: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ __all__ = [
     "assignments",
     "capacity",
     "apply_capacity",
+    "expert_counts",
 ]
 
 
@@ -166,6 +167,15 @@ def assignments(routing: Routing) -> Assignments:
     return Assignments(routing.token_A, routing.expert_A, routing.weight_A, torch.zeros_like(routing.token_A))
 
 
+def expert_counts(expert_A: Tensor, num_experts: int) -> Tensor:
+    """(E,) int64: how many entries of ``expert_A`` name each expert; ids >= E (the "dropped" marker E)
+    are not counted. Unlike ``bincount`` the output shape never depends on the data, so
+    ``torch.compile`` traces it without a graph break."""
+    idx = expert_A.reshape(-1).clamp_max(num_experts)
+    ones = torch.ones_like(idx)
+    return torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, ones)[:num_experts]
+
+
 def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int, policy: str) -> Tensor:
     """Boolean keep mask (A,) leaving each expert at most ``cap`` assignments.
 
@@ -183,7 +193,7 @@ def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int, 
     order = priority_A.argsort(stable=True)
     order = order[a.expert_A[order].argsort(stable=True)]
     # 2. position of every assignment inside its expert's run
-    counts_E = torch.bincount(a.expert_A, minlength=num_experts)
+    counts_E = expert_counts(a.expert_A, num_experts)
     starts_E = counts_E.cumsum(0) - counts_E
     pos_sorted = torch.arange(order.numel(), device=order.device) - starts_E[a.expert_A[order]]
     keep_A = torch.empty_like(a.expert_A, dtype=torch.bool)

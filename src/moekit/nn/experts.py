@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.functional.dispatch import Dispatch, activation_fn, loop_experts_reference
-from moekit.ops.grouped_ffn import grouped_ffn_combine
+from moekit.ops.grouped_ffn import grouped_ffn, grouped_ffn_combine
 
 __all__ = ["GroupedExperts", "MLP"]
 
@@ -45,8 +45,19 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(w, std=std if std is not None else 1 / math.sqrt(D))
         nn.init.normal_(self.w_down, std=out_std if out_std is not None else (std or 1 / math.sqrt(H)))
 
+    def combine(self, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor) -> Tensor:
+        """Weighted sum over each token's assignments of its experts' outputs. Returns (T, D).
+
+        token_A, expert_A, weight_A: (A,) in any order; ``expert_A == E`` marks a dropped assignment.
+        The fused path is one custom op with static shapes (``torch.compile`` traces it whole)."""
+        if self.impl == "loop":
+            keep_A = expert_A < self.num_experts
+            return loop_experts_reference(x_TD, token_A[keep_A], expert_A[keep_A], weight_A[keep_A], self.w_gate,
+                                          self.w_up, self.w_down, self.activation)
+        return grouped_ffn(x_TD, token_A, expert_A, weight_A, self.w_gate, self.w_up, self.w_down, self.activation)
+
     def forward(self, x_TD: Tensor, d: Dispatch) -> Tensor:
-        """Weighted sum over each token's assignments of its experts' outputs. Returns (T, D)."""
+        """The same as :meth:`combine` for assignments already sorted by expert (a :class:`Dispatch`)."""
         if self.impl == "loop":
             expert_A = torch.repeat_interleave(torch.arange(len(d.counts), device=x_TD.device), d.counts_E)
             return loop_experts_reference(x_TD, d.token_A, expert_A, d.weight_A, self.w_gate, self.w_up,

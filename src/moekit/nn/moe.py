@@ -148,16 +148,23 @@ class MoELayer(nn.Module):
         num_assign = a.token_A.numel()
         # 3. capacity: drop assignments beyond each expert's C slots
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        keep_A = None
         if cfg.capacity_factor is not None and cfg.is_token_choice and n > 0:
             cap = R.capacity(n, E, cfg.top_k, cfg.capacity_factor)
             keep_A = R.apply_capacity(a, E, n, cap, cfg.drop_policy)
             dropped = (~keep_A).sum()
-            a = a.select(keep_A)
         # 4. group by expert, run experts, weighted combine
-        d = sort_by_expert(a.token_A, a.expert_A, a.weight_A, E)
         if self.dispatcher is None:
-            y_nD = self.experts(x_nD, d)
+            # one op with static shapes: a dropped assignment is marked by expert id E, the sort and
+            # the per-expert counts happen inside (torch.compile traces the layer without breaks)
+            expert_A = a.expert_A if keep_A is None else a.expert_A.masked_fill(~keep_A, E)
+            counts_E = R.expert_counts(expert_A, E)
+            y_nD = self.experts.combine(x_nD, a.token_A, expert_A, a.weight_A)
         else:  # expert parallel: each expert's run goes to its rank and back (moekit.parallel.dispatcher)
+            if keep_A is not None:
+                a = a.select(keep_A)
+            d = sort_by_expert(a.token_A, a.expert_A, a.weight_A, E)
+            counts_E = d.counts_E
             y_nD = self.dispatcher(x_nD, d, self.experts)
         if self.shared_experts is not None:
             y_nD = y_nD + self.shared_experts(x_nD)
@@ -168,11 +175,11 @@ class MoELayer(nn.Module):
             y_TD = torch.zeros_like(x_TD).index_copy(0, valid_n, y_nD)
         else:
             y_TD = y_nD
-        aux, stats = self._losses(routing, a, d.counts_E, dropped, num_assign, n, seq_ids_T,
+        aux, stats = self._losses(routing, counts_E, dropped, num_assign, n, seq_ids_T,
                                   x.shape[0] if seq_ids_T is not None else 1)
         return MoEOutput(y_TD.reshape(x.shape), aux, stats)
 
-    def _losses(self, routing: R.Routing, a: R.Assignments, counts_E: Tensor, dropped: Tensor, num_assign: int,
+    def _losses(self, routing: R.Routing, counts_E: Tensor, dropped: Tensor, num_assign: int,
                 n: int, seq_ids_T: Tensor | None, num_seqs: int) -> tuple[Tensor, MoEStats]:
         cfg = self.cfg
         E = cfg.num_experts

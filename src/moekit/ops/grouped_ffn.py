@@ -1,25 +1,39 @@
-"""Fused grouped expert FFN with combine: one autograd op for gather -> experts -> weighted scatter.
+"""Fused grouped expert FFN with combine: gather -> experts -> weighted scatter, as one autograd op.
 
-Legend: T tokens, D model dim, E experts, H expert hidden, A assignments sorted by expert,
-n_e rows of expert e (a contiguous run of A).
+Legend: T tokens, D model dim, E experts, H expert hidden, A assignments, S assignments kept and
+sorted by expert (expert e owns a contiguous run of n_e rows).
 
-Why a custom autograd.Function (and not plain autograd over a loop):
-- it saves only the sorted token indices, the combine weights and the two (A, H) pre-activations;
-  the gathered input (A, D) and the expert outputs (A, D) are re-gathered / never needed, so the
+Two entry points share the same kernels (:func:`_sorted_forward`, :func:`_sorted_backward`):
+- :func:`grouped_ffn` takes the router's assignments as they come (token, expert, weight; expert id
+  E marks an assignment dropped by the capacity limit). It is the ``torch.library`` custom op
+  ``moekit::grouped_ffn``: every input and output has a static shape, and the sort, the per-expert
+  counts and their one host sync happen inside the op, so ``torch.compile`` traces an MoE layer
+  without graph breaks (dropless and capacity mode alike).
+- :func:`grouped_ffn_combine` takes assignments already sorted by expert with host-side counts
+  (the expert-parallel dispatcher regroups received rows itself).
+
+Why a custom autograd op (and not plain autograd over a loop):
+- it saves only the sort order, the combine weights and the two (A, H) pre-activations; the
+  gathered input (A, D) and the expert outputs (A, D) are re-gathered / never needed, so the
   activation memory is below that of a dense FFN of the same active width;
 - the expert weight gradients are written into one preallocated (E, ...) tensor per weight, once,
   instead of autograd accumulating a full-size zero-padded gradient per expert (cost ~E^2);
 - the gradient of each combine weight is <g_t, y_a> = <g_t @ w_down, h_a>, computed from the
-  backward's own matmul, so the expert outputs need not be stored.
+  backward's own matmul, so the expert outputs need not be stored;
+- per-expert work is only matmuls; every elementwise step runs once over all rows, so the number
+  of kernel launches does not grow with E (each launch is a thread barrier on the CPU).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.ops.expert_threads import for_each_expert, use_expert_threads
 
-__all__ = ["grouped_ffn_combine"]
+__all__ = ["grouped_ffn", "grouped_ffn_combine"]
 
 
 def _act(name: str, z: Tensor) -> Tensor:
@@ -37,21 +51,6 @@ def _act_backward(name: str, grad: Tensor, z: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward(grad, z, 0)
 
 
-def _runs(counts: list[int]) -> list[tuple[int, slice]]:
-    """(expert, row slice) for every expert with at least one row; rows are grouped by expert.
-
-    The loops over these runs stay serial, each matmul using all intra-op threads: spreading whole
-    experts over single-threaded workers was measured slower on an idle 2-core AVX-512 machine
-    (shape B forward 0.65x vs 0.74x of dense), though faster when other processes compete for the cores.
-    """
-    runs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            runs.append((e, slice(start, start + n)))
-        start += n
-    return runs
-
-
 def _expert_grad_buffer(w: Tensor, counts: list[int]) -> Tensor:
     """Uninitialised (E, ...) gradient; only experts that received no rows are zeroed (the others are
     overwritten by their matmul), so no pass over the whole weight-sized buffer is spent on zeros."""
@@ -62,31 +61,109 @@ def _expert_grad_buffer(w: Tensor, counts: list[int]) -> Tensor:
     return g
 
 
-class _GroupedFFNCombine(torch.autograd.Function):
-    """Per-expert work is only matmuls; every elementwise step runs once over all A rows, so the
-    number of kernel launches does not grow with E (each launch is a thread barrier on the CPU)."""
+def _sorted_forward(x_TD: Tensor, tok_S: Tensor, w_S: Tensor, w_gate: Tensor | None, w_up: Tensor, w_down: Tensor,
+                    counts: list[int], activation: str, rows: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """out_TD and the pre-activations (g, u) of the S sorted rows, in buffers of ``rows`` >= S rows
+    (the tail beyond S is zero)."""
+    gated = w_gate is not None
+    S, H = tok_S.numel(), w_up.shape[1]
+    rows = S if rows is None else rows
+    # 1. gather every kept assignment's token once: (S, D), freed after forward
+    xs_SD = x_TD.index_select(0, tok_S)
+    u_RH = x_TD.new_empty(rows, H)
+    g_RH = x_TD.new_empty(rows, H) if gated else None
+    if rows > S:
+        u_RH[S:].zero_()
+        if gated:
+            g_RH[S:].zero_()
+    u_SH, g_SH = u_RH[:S], (g_RH[:S] if gated else None)
+    par = use_expert_threads(counts, x_TD.device, x_TD.shape[1] * H)
 
+    # 2. up (and gate) projections: one matmul per expert over its contiguous run
+    def up_gate(e: int, sl: slice) -> None:
+        torch.mm(xs_SD[sl], w_up[e].t(), out=u_SH[sl])
+        if gated:
+            torch.mm(xs_SD[sl], w_gate[e].t(), out=g_SH[sl])
+
+    for_each_expert(counts, up_gate, x_TD.device, par)
+    del xs_SD
+    h_SH = F.silu(g_SH).mul_(u_SH) if gated else _act(activation, u_SH)
+    # 3. down projection, then the combine weight and a scatter-add back to token order
+    y_SD = x_TD.new_empty(S, x_TD.shape[1])
+    for_each_expert(counts, lambda e, sl: torch.mm(h_SH[sl], w_down[e].t(), out=y_SD[sl]), x_TD.device, par)
+    y_SD.mul_(w_S.to(y_SD.dtype).unsqueeze(1))
+    out_TD = torch.zeros_like(x_TD).index_add_(0, tok_S, y_SD)
+    return out_TD, g_RH, u_RH
+
+
+def _sorted_backward(gout_TD: Tensor, x_TD: Tensor, tok_S: Tensor, w_S: Tensor, w_gate: Tensor | None, w_up: Tensor,
+                     w_down: Tensor, g_SH: Tensor | None, u_SH: Tensor, counts: list[int], activation: str,
+                     needs: tuple[bool, bool, bool, bool, bool]):
+    """Gradients (dx_TD, dw_S, dw_gate, dw_up, dw_down) of the sorted forward; None where not needed.
+
+    ``needs``: (x, combine weights, w_gate, w_up, w_down)."""
+    gated = w_gate is not None
+    need_x, need_w, need_wg, need_wu, need_wd = needs
+    S, H = tok_S.numel(), w_up.shape[1]
+    par = use_expert_threads(counts, x_TD.device, x_TD.shape[1] * H)
+    w_S1 = w_S.to(x_TD.dtype).unsqueeze(1)
+    gy_SD = gout_TD.index_select(0, tok_S)  # dL/dy_a before the combine weight
+    # 1. recompute h from the saved pre-activations (cheap, elementwise, all rows at once)
+    if gated:
+        sg_SH = F.silu(g_SH)
+        h_SH = sg_SH * u_SH
+    else:
+        h_SH = _act(activation, u_SH)
+    # 2. dh = gy @ w_down per expert; w_down's gradient uses the weighted gy
+    dh_SH = x_TD.new_empty(S, H)
+    gyw_SD = gy_SD * w_S1
+    dw_down = _expert_grad_buffer(w_down, counts) if need_wd else None
+
+    def down_grads(e: int, sl: slice) -> None:
+        torch.mm(gy_SD[sl], w_down[e], out=dh_SH[sl])
+        if need_wd:
+            torch.mm(gyw_SD[sl].t(), h_SH[sl], out=dw_down[e])
+
+    for_each_expert(counts, down_grads, x_TD.device, par)
+    del gy_SD, gyw_SD
+    # 3. combine-weight gradient <g_t, y_a> = <g_t @ w_down, h_a>; then through the activation
+    gw_S = torch.linalg.vecdot(dh_SH, h_SH).to(w_S.dtype) if need_w else None
+    del h_SH
+    dh_SH.mul_(w_S1)
+    # aten's fused activation backward kernels: one pass each instead of a chain of elementwise ops
+    if gated:
+        du_SH = dh_SH * sg_SH
+        del sg_SH
+        dg_SH = torch.ops.aten.silu_backward(dh_SH.mul_(u_SH), g_SH)
+    else:
+        du_SH = _act_backward(activation, dh_SH, u_SH)
+        dg_SH = None
+    # 4. input-side weight gradients and dx, per expert
+    xs_SD = x_TD.index_select(0, tok_S)
+    dw_gate = _expert_grad_buffer(w_gate, counts) if (gated and need_wg) else None
+    dw_up = _expert_grad_buffer(w_up, counts) if need_wu else None
+    dx_SD = torch.empty_like(xs_SD) if need_x else None
+
+    def input_grads(e: int, sl: slice) -> None:
+        if need_wu:
+            torch.mm(du_SH[sl].t(), xs_SD[sl], out=dw_up[e])
+        if gated and need_wg:
+            torch.mm(dg_SH[sl].t(), xs_SD[sl], out=dw_gate[e])
+        if need_x:
+            torch.mm(du_SH[sl], w_up[e], out=dx_SD[sl])
+            if gated:
+                dx_SD[sl].addmm_(dg_SH[sl], w_gate[e])
+
+    for_each_expert(counts, input_grads, x_TD.device, par)
+    dx_TD = torch.zeros_like(x_TD).index_add_(0, tok_S, dx_SD) if need_x else None
+    return dx_TD, gw_S, dw_gate, dw_up, dw_down
+
+
+# -- sorted entry point (host counts given) ----------------------------------------------------------
+class _GroupedFFNCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation):
-        gated = w_gate is not None
-        A, H = token_A.numel(), w_up.shape[1]
-        # 1. gather every assignment's token once: (A, D), freed after forward
-        xs_AD = x_TD.index_select(0, token_A)
-        u_AH = x_TD.new_empty(A, H)
-        g_AH = x_TD.new_empty(A, H) if gated else None
-        # 2. up (and gate) projections: one matmul per expert over its contiguous run
-        for e, sl in _runs(counts):
-            torch.mm(xs_AD[sl], w_up[e].t(), out=u_AH[sl])
-            if gated:
-                torch.mm(xs_AD[sl], w_gate[e].t(), out=g_AH[sl])
-        del xs_AD
-        h_AH = F.silu(g_AH).mul_(u_AH) if gated else _act(activation, u_AH)
-        # 3. down projection, then the combine weight and a scatter-add back to token order
-        y_AD = x_TD.new_empty(A, x_TD.shape[1])
-        for e, sl in _runs(counts):
-            torch.mm(h_AH[sl], w_down[e].t(), out=y_AD[sl])
-        y_AD.mul_(weight_A.to(y_AD.dtype).unsqueeze(1))
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        out_TD, g_AH, u_AH = _sorted_forward(x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation)
         ctx.save_for_backward(x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH)
         ctx.counts, ctx.activation = counts, activation
         return out_TD
@@ -94,55 +171,10 @@ class _GroupedFFNCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout_TD):
         x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH = ctx.saved_tensors
-        counts, activation = ctx.counts, ctx.activation
-        gated = w_gate is not None
         need_x, _, need_w, need_wg, need_wu, need_wd = ctx.needs_input_grad[:6]
-        A, H = token_A.numel(), w_up.shape[1]
-        w_A1 = weight_A.to(x_TD.dtype).unsqueeze(1)
-        gy_AD = gout_TD.index_select(0, token_A)  # dL/dy_a before the combine weight
-        # 1. recompute h from the saved pre-activations (cheap, elementwise, all rows at once)
-        if gated:
-            sg_AH = F.silu(g_AH)
-            h_AH = sg_AH * u_AH
-        else:
-            h_AH = _act(activation, u_AH)
-        # 2. dh = gy @ w_down per expert; w_down's gradient uses the weighted gy
-        dh_AH = x_TD.new_empty(A, H)
-        gyw_AD = gy_AD * w_A1
-        dw_down = _expert_grad_buffer(w_down, counts) if need_wd else None
-        for e, sl in _runs(counts):
-            torch.mm(gy_AD[sl], w_down[e], out=dh_AH[sl])
-            if need_wd:
-                torch.mm(gyw_AD[sl].t(), h_AH[sl], out=dw_down[e])
-        del gy_AD, gyw_AD
-        # 3. combine-weight gradient <g_t, y_a> = <g_t @ w_down, h_a>; then through the activation
-        gw = torch.linalg.vecdot(dh_AH, h_AH).to(weight_A.dtype) if need_w else None
-        del h_AH
-        dh_AH.mul_(w_A1)
-        # aten's fused activation backward kernels: one pass each instead of a chain of elementwise ops
-        if gated:
-            du_AH = dh_AH * sg_AH
-            del sg_AH
-            dg_AH = torch.ops.aten.silu_backward(dh_AH.mul_(u_AH), g_AH)
-        else:
-            du_AH = _act_backward(activation, dh_AH, u_AH)
-            dg_AH = None
-        # 4. input-side weight gradients and dx, per expert
-        xs_AD = x_TD.index_select(0, token_A)
-        dw_gate = _expert_grad_buffer(w_gate, counts) if (gated and need_wg) else None
-        dw_up = _expert_grad_buffer(w_up, counts) if need_wu else None
-        dx_AD = torch.empty_like(xs_AD) if need_x else None
-        for e, sl in _runs(counts):
-            if need_wu:
-                torch.mm(du_AH[sl].t(), xs_AD[sl], out=dw_up[e])
-            if gated and need_wg:
-                torch.mm(dg_AH[sl].t(), xs_AD[sl], out=dw_gate[e])
-            if need_x:
-                torch.mm(du_AH[sl], w_up[e], out=dx_AD[sl])
-                if gated:
-                    dx_AD[sl].addmm_(dg_AH[sl], w_gate[e])
-        dx_TD = torch.zeros_like(x_TD).index_add_(0, token_A, dx_AD) if need_x else None
-        return dx_TD, None, gw, dw_gate, dw_up, dw_down, None, None
+        dx, gw, dwg, dwu, dwd = _sorted_backward(gout_TD, x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH,
+                                                 ctx.counts, ctx.activation, (need_x, need_w, need_wg, need_wu, need_wd))
+        return dx, None, gw, dwg, dwu, dwd, None, None
 
 
 def grouped_ffn_combine(x_TD: Tensor, token_A: Tensor, weight_A: Tensor, w_gate: Tensor | None, w_up: Tensor,
@@ -153,3 +185,84 @@ def grouped_ffn_combine(x_TD: Tensor, token_A: Tensor, weight_A: Tensor, w_gate:
     w_gate, w_up: (E, H, D) (w_gate None without a gate); w_down: (E, D, H). Returns (T, D).
     """
     return _GroupedFFNCombine.apply(x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation)
+
+
+# -- unsorted entry point: the compile-friendly custom op --------------------------------------------
+def _plan(expert_A: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
+    """Kept assignments' indices sorted by expert (stable) and the per-expert counts on the host.
+    Dropped assignments (expert id E) sort last and are left out."""
+    order_A = expert_A.argsort(stable=True)
+    counts = torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts].tolist()
+    return order_A, counts
+
+
+@torch.library.custom_op("moekit::grouped_ffn", mutates_args=())
+def _grouped_ffn_op(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Optional[Tensor],
+                    w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    order_A, counts = _plan(expert_A, w_up.shape[0])
+    kept_S = order_A[:sum(counts)]
+    out_TD, g_AH, u_AH = _sorted_forward(x_TD, token_A[kept_S], weight_A[kept_S], w_gate, w_up, w_down, counts,
+                                         activation, rows=token_A.numel())
+    return out_TD, order_A, (g_AH if g_AH is not None else x_TD.new_empty(0)), u_AH
+
+
+@_grouped_ffn_op.register_fake
+def _(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation):
+    A, H = token_A.shape[0], w_up.shape[1]
+    g = x_TD.new_empty(A, H) if w_gate is not None else x_TD.new_empty(0)
+    return torch.empty_like(x_TD), torch.empty_like(expert_A), g, x_TD.new_empty(A, H)
+
+
+@torch.library.custom_op("moekit::grouped_ffn_backward", mutates_args=())
+def _grouped_ffn_backward_op(gout_TD: Tensor, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor,
+                             w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor, order_A: Tensor, g_AH: Tensor,
+                             u_AH: Tensor, activation: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx_TD, dweight_A, dw_gate, dw_up, dw_down); a 0-size tensor stands for a gradient not needed."""
+    counts = torch.bincount(expert_A, minlength=w_up.shape[0] + 1)[:w_up.shape[0]].tolist()
+    S = sum(counts)
+    kept_S = order_A[:S]
+    gated = w_gate is not None
+    dx, gw_S, dwg, dwu, dwd = _sorted_backward(gout_TD, x_TD, token_A[kept_S], weight_A[kept_S], w_gate, w_up, w_down,
+                                               g_AH[:S] if gated else None, u_AH[:S], counts, activation,
+                                               tuple(needs))
+    if gw_S is not None:  # back to the caller's assignment order; dropped assignments get 0
+        gw_S = torch.zeros_like(weight_A).index_copy_(0, kept_S, gw_S)
+    none = x_TD.new_empty(0)
+    return tuple(t if t is not None else none.clone() for t in (dx, gw_S, dwg, dwu, dwd))
+
+
+@_grouped_ffn_backward_op.register_fake
+def _(gout_TD, x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A, g_AH, u_AH, activation, needs):
+    like = (x_TD, weight_A, w_gate, w_up, w_down)
+    return tuple(torch.empty_like(t) if (n and t is not None) else x_TD.new_empty(0) for t, n in zip(like, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation = inputs
+    _, order_A, g_AH, u_AH = output
+    ctx.save_for_backward(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A, g_AH, u_AH)
+    ctx.activation = activation
+
+
+def _backward(ctx, gout_TD, _d_order, _d_g, _d_u):
+    x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A, g_AH, u_AH = ctx.saved_tensors
+    need_x, _, _, need_w, need_wg, need_wu, need_wd, _ = ctx.needs_input_grad
+    needs = [need_x, need_w, bool(need_wg and w_gate is not None), need_wu, need_wd]
+    grads = torch.ops.moekit.grouped_ffn_backward(gout_TD.contiguous(), x_TD, token_A, expert_A, weight_A, w_gate,
+                                                  w_up, w_down, order_A, g_AH, u_AH, ctx.activation, needs)
+    dx, dw, dwg, dwu, dwd = (g if n else None for g, n in zip(grads, needs))
+    return dx, None, None, dw, dwg, dwu, dwd, None
+
+
+_grouped_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_ffn(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
+                w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
+    """out_t = sum over assignments a with token t and expert_A[a] < E of weight_a * expert_{e(a)}(x_t).
+
+    x_TD: (T, D); token_A, expert_A (int64) and weight_A: (A,) in any order, ``expert_A == E`` marking
+    an assignment dropped by the capacity limit (it contributes 0 and gets a 0 gradient);
+    w_gate, w_up: (E, H, D) (w_gate None without a gate); w_down: (E, D, H). Returns (T, D).
+    """
+    return torch.ops.moekit.grouped_ffn(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)[0]
