@@ -9,7 +9,8 @@ from torch import Tensor
 
 from moekit.functional.routing import expert_counts
 
-__all__ = ["load_balancing_loss", "sequence_balancing_loss", "z_loss", "importance_loss", "expert_bias_update"]
+__all__ = ["load_balancing_loss", "sequence_balancing_loss", "z_loss", "importance_loss", "cv_squared",
+           "expert_bias_update"]
 
 
 def load_balancing_loss(probs: Tensor, expert_indices: Tensor, num_experts: int) -> Tensor:
@@ -63,7 +64,11 @@ def importance_loss(gates: Tensor) -> Tensor:
 
     gates: (T, E) combine weights, zero where an expert was not chosen. Population variance.
     """
-    importance_E = gates.sum(dim=0)
+    return cv_squared(gates.sum(dim=0))
+
+
+def cv_squared(importance_E: Tensor) -> Tensor:
+    """Squared coefficient of variation var / (mean^2 + 1e-10) of per-expert sums (population variance)."""
     mean = importance_E.mean()
     var = importance_E.var(unbiased=False)
     return var / (mean.square() + 1e-10)

@@ -160,8 +160,8 @@ def assignments(routing: Routing) -> Assignments:
     if routing.indices_TK is not None:
         T, K = routing.indices_TK.shape
         dev = routing.indices_TK.device
-        token_A = torch.arange(T, device=dev).repeat_interleave(K)
-        rank_A = torch.arange(K, device=dev).repeat(T)
+        token_A = torch.arange(T, device=dev).unsqueeze(1).expand(T, K).reshape(-1)
+        rank_A = torch.arange(K, device=dev).expand(T, K).reshape(-1)
         return Assignments(token_A, routing.indices_TK.reshape(-1), routing.weights_TK.reshape(-1), rank_A)
     assert routing.token_A is not None, "routing has neither top-k picks nor an assignment list"
     return Assignments(routing.token_A, routing.expert_A, routing.weight_A, torch.zeros_like(routing.token_A))

@@ -193,16 +193,22 @@ class MoELayer(nn.Module):
         else:
             balance = zero  # expert choice and dense are balanced by construction
         z = L.z_loss(logits_TE)
-        if routing.indices_TK is not None:
-            gates_TE = torch.zeros_like(probs_TE).scatter(1, routing.indices_TK, routing.weights_TK)
+        if n > 0:  # per-expert gate sums, straight from the assignments (no (T, E) gate matrix)
+            if routing.indices_TK is not None:
+                expert_A, weight_A = routing.indices_TK.reshape(-1), routing.weights_TK.reshape(-1)
+            else:
+                expert_A, weight_A = routing.expert_A, routing.weight_A
+            importance_E = probs_TE.new_zeros(E).index_add(0, expert_A, weight_A.to(probs_TE.dtype))
+            importance = L.cv_squared(importance_E)
         else:
-            gates_TE = torch.zeros_like(probs_TE).index_put((routing.token_A, routing.expert_A),
-                                                            routing.weight_A, accumulate=True)
-        importance = L.importance_loss(gates_TE) if n > 0 else zero
-        aux = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z + cfg.importance_loss_coef * importance
+            importance = zero
+        aux = zero
+        for coef, term in ((cfg.aux_loss_coef, balance), (cfg.z_loss_coef, z), (cfg.importance_loss_coef, importance)):
+            if coef:
+                aux = aux + coef * term
         with torch.no_grad():
             # for sigmoid_bias this is the entropy of the normalised scores s / sum(s)
-            entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean() if n > 0 else zero
+            entropy = torch.special.entr(probs_TE).sum(-1).mean() if n > 0 else zero
         stats = MoEStats(
             tokens_per_expert=counts_E.detach(),
             dropped=dropped.detach(),

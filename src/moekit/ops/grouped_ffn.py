@@ -5,10 +5,11 @@ sorted by expert (expert e owns a contiguous run of n_e rows).
 
 Two entry points share the same kernels (:func:`_sorted_forward`, :func:`_sorted_backward`):
 - :func:`grouped_ffn` takes the router's assignments as they come (token, expert, weight; expert id
-  E marks an assignment dropped by the capacity limit). It is the ``torch.library`` custom op
-  ``moekit::grouped_ffn``: every input and output has a static shape, and the sort, the per-expert
-  counts and their one host sync happen inside the op, so ``torch.compile`` traces an MoE layer
-  without graph breaks (dropless and capacity mode alike).
+  E marks an assignment dropped by the capacity limit). Under ``torch.compile`` it is the
+  ``torch.library`` custom op ``moekit::grouped_ffn``: every input and output has a static shape, and
+  the sort, the per-expert counts and their one host sync happen inside the op, so an MoE layer traces
+  without graph breaks (dropless and capacity mode alike). Eagerly the same kernels run under a plain
+  autograd Function, which skips the op dispatcher's per-call cost.
 - :func:`grouped_ffn_combine` takes assignments already sorted by expert with host-side counts
   (the expert-parallel dispatcher regroups received rows itself).
 
@@ -196,14 +197,63 @@ def _plan(expert_A: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
     return order_A, counts
 
 
-@torch.library.custom_op("moekit::grouped_ffn", mutates_args=())
-def _grouped_ffn_op(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Optional[Tensor],
-                    w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _grouped_ffn_impl(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
+                      w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out_TD, order_A, g_AH, u_AH): the pre-activations of the kept rows in expert order, zero tail."""
     order_A, counts = _plan(expert_A, w_up.shape[0])
     kept_S = order_A[:sum(counts)]
     out_TD, g_AH, u_AH = _sorted_forward(x_TD, token_A[kept_S], weight_A[kept_S], w_gate, w_up, w_down, counts,
                                          activation, rows=token_A.numel())
     return out_TD, order_A, (g_AH if g_AH is not None else x_TD.new_empty(0)), u_AH
+
+
+def _grouped_ffn_backward_impl(gout_TD: Tensor, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor,
+                               w_gate: Tensor | None, w_up: Tensor, w_down: Tensor, order_A: Tensor, g_AH: Tensor,
+                               u_AH: Tensor, activation: str, needs: list[bool]) -> tuple[Tensor | None, ...]:
+    """(dx_TD, dweight_A, dw_gate, dw_up, dw_down), None where not needed."""
+    E = w_up.shape[0]
+    counts = torch.bincount(expert_A, minlength=E + 1)[:E].tolist()
+    S = sum(counts)
+    kept_S = order_A[:S]
+    dx, gw_S, dwg, dwu, dwd = _sorted_backward(gout_TD, x_TD, token_A[kept_S], weight_A[kept_S], w_gate, w_up, w_down,
+                                               g_AH[:S] if w_gate is not None else None, u_AH[:S], counts, activation,
+                                               tuple(needs))
+    if gw_S is not None:  # back to the caller's assignment order; dropped assignments get 0
+        gw_S = torch.zeros_like(weight_A).index_copy_(0, kept_S, gw_S)
+    return dx, gw_S, dwg, dwu, dwd
+
+
+def _needs(needs_input_grad, w_gate) -> list[bool]:
+    need_x, _, _, need_w, need_wg, need_wu, need_wd, _ = needs_input_grad
+    return [bool(need_x), bool(need_w), bool(need_wg and w_gate is not None), bool(need_wu), bool(need_wd)]
+
+
+class _GroupedFFN(torch.autograd.Function):
+    """Eager twin of the custom op: the same kernels without the op dispatcher's per-call cost
+    (which is paid every decode step); ``grouped_ffn`` uses the custom op only under torch.compile."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation):
+        out_TD, order_A, g_AH, u_AH = _grouped_ffn_impl(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down,
+                                                        activation)
+        ctx.save_for_backward(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A, g_AH, u_AH)
+        ctx.activation = activation
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, gout_TD):
+        x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A, g_AH, u_AH = ctx.saved_tensors
+        needs = _needs(ctx.needs_input_grad, w_gate)
+        dx, dw, dwg, dwu, dwd = _grouped_ffn_backward_impl(gout_TD.contiguous(), x_TD, token_A, expert_A, weight_A,
+                                                           w_gate, w_up, w_down, order_A, g_AH, u_AH, ctx.activation,
+                                                           needs)
+        return dx, None, None, dw, dwg, dwu, dwd, None
+
+
+@torch.library.custom_op("moekit::grouped_ffn", mutates_args=())
+def _grouped_ffn_op(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Optional[Tensor],
+                    w_up: Tensor, w_down: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _grouped_ffn_impl(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)
 
 
 @_grouped_ffn_op.register_fake
@@ -218,17 +268,9 @@ def _grouped_ffn_backward_op(gout_TD: Tensor, x_TD: Tensor, token_A: Tensor, exp
                              w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor, order_A: Tensor, g_AH: Tensor,
                              u_AH: Tensor, activation: str, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_TD, dweight_A, dw_gate, dw_up, dw_down); a 0-size tensor stands for a gradient not needed."""
-    counts = torch.bincount(expert_A, minlength=w_up.shape[0] + 1)[:w_up.shape[0]].tolist()
-    S = sum(counts)
-    kept_S = order_A[:S]
-    gated = w_gate is not None
-    dx, gw_S, dwg, dwu, dwd = _sorted_backward(gout_TD, x_TD, token_A[kept_S], weight_A[kept_S], w_gate, w_up, w_down,
-                                               g_AH[:S] if gated else None, u_AH[:S], counts, activation,
-                                               tuple(needs))
-    if gw_S is not None:  # back to the caller's assignment order; dropped assignments get 0
-        gw_S = torch.zeros_like(weight_A).index_copy_(0, kept_S, gw_S)
-    none = x_TD.new_empty(0)
-    return tuple(t if t is not None else none.clone() for t in (dx, gw_S, dwg, dwu, dwd))
+    grads = _grouped_ffn_backward_impl(gout_TD, x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A,
+                                       g_AH, u_AH, activation, needs)
+    return tuple(t if t is not None else x_TD.new_empty(0) for t in grads)
 
 
 @_grouped_ffn_backward_op.register_fake
@@ -246,8 +288,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gout_TD, _d_order, _d_g, _d_u):
     x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, order_A, g_AH, u_AH = ctx.saved_tensors
-    need_x, _, _, need_w, need_wg, need_wu, need_wd, _ = ctx.needs_input_grad
-    needs = [need_x, need_w, bool(need_wg and w_gate is not None), need_wu, need_wd]
+    needs = _needs(ctx.needs_input_grad, w_gate)
     grads = torch.ops.moekit.grouped_ffn_backward(gout_TD.contiguous(), x_TD, token_A, expert_A, weight_A, w_gate,
                                                   w_up, w_down, order_A, g_AH, u_AH, ctx.activation, needs)
     dx, dw, dwg, dwu, dwd = (g if n else None for g, n in zip(grads, needs))
@@ -264,5 +305,9 @@ def grouped_ffn(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tenso
     x_TD: (T, D); token_A, expert_A (int64) and weight_A: (A,) in any order, ``expert_A == E`` marking
     an assignment dropped by the capacity limit (it contributes 0 and gets a 0 gradient);
     w_gate, w_up: (E, H, D) (w_gate None without a gate); w_down: (E, D, H). Returns (T, D).
+    Under ``torch.compile`` this is the custom op ``moekit::grouped_ffn``; eagerly, an autograd
+    Function over the same kernels.
     """
-    return torch.ops.moekit.grouped_ffn(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)[0]
+    if torch.compiler.is_compiling():
+        return torch.ops.moekit.grouped_ffn(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)[0]
+    return _GroupedFFN.apply(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)
