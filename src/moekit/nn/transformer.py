@@ -19,7 +19,7 @@ from moekit.config import MoEConfig
 from moekit.nn.attention import Attention, KVCache, RMSNorm, build_attn_mask, rope_cos_sin
 from moekit.nn.experts import MLP
 from moekit.nn.mla import MLAConfig, MultiHeadLatentAttention
-from moekit.nn.moe import MoELayer, MoEStats
+from moekit.nn.moe import MoELayer, MoEOutput, MoEStats
 
 __all__ = ["ModelConfig", "MoETransformer", "ModelOutput", "KVCache"]
 
@@ -134,13 +134,37 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass
 class ModelOutput:
-    logits: Tensor  # (B, S, V)
-    loss: Tensor | None  # LM loss (mean over non-ignored targets) when labels were given
-    aux_loss: Tensor  # sum over MoE layers
-    stats: dict[int, MoEStats]  # layer index -> routing stats
-    kv_cache: KVCache | None = None
+    """``logits`` (B, S, V); ``loss``, the LM loss (mean over non-ignored targets) when labels were given;
+    ``aux_loss``, the sum over MoE layers of their balancing terms; ``stats``, layer index ->
+    :class:`MoEStats`; ``kv_cache``. ``aux_loss`` and ``stats`` are computed from the layers' outputs on
+    first access (see :class:`MoEOutput`), so generation does not pay for them."""
+
+    __slots__ = ("logits", "loss", "kv_cache", "_moe", "_aux_loss", "_stats", "_grad")
+
+    def __init__(self, logits: Tensor, loss: Tensor | None, moe_outputs: dict[int, MoEOutput],
+                 kv_cache: KVCache | None = None):
+        self.logits, self.loss, self.kv_cache = logits, loss, kv_cache
+        self._moe = moe_outputs
+        self._aux_loss: Tensor | None = None
+        self._stats: dict[int, MoEStats] | None = None
+        self._grad = torch.is_grad_enabled()  # the forward's grad mode, restored whenever aux is summed
+
+    @property
+    def aux_loss(self) -> Tensor:
+        if self._aux_loss is None:
+            with torch.set_grad_enabled(self._grad):
+                aux = self.logits.new_zeros((), dtype=torch.float32)
+                for out in self._moe.values():
+                    aux = aux + out.aux_loss
+            self._aux_loss = aux
+        return self._aux_loss
+
+    @property
+    def stats(self) -> dict[int, MoEStats]:
+        if self._stats is None:
+            self._stats = {i: out.stats for i, out in self._moe.items()}
+        return self._stats
 
 
 class Block(nn.Module):
@@ -163,8 +187,8 @@ class Block(nn.Module):
         h = self.ffn_norm(x)
         if self.is_moe:
             out = self.ffn(h, token_mask=token_mask)
-            return x + out.output, out.aux_loss, out.stats
-        return x + self.ffn(h), None, None
+            return x + out.output, out
+        return x + self.ffn(h), None
 
 
 class MoETransformer(nn.Module):
@@ -238,13 +262,11 @@ class MoETransformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta, x.dtype)
         mask = build_attn_mask(key_mask, S, past + S, dev) if (key_mask is not None or past > 0) else None
         token_mask = attention_mask.bool() if attention_mask is not None else None
-        aux = x.new_zeros((), dtype=torch.float32)
-        stats: dict[int, MoEStats] = {}
+        moe_outputs: dict[int, MoEOutput] = {}
         for block in self.layers:
-            x, layer_aux, layer_stats = block(x, cos, sin, mask, token_mask, kv_cache)
-            if layer_aux is not None:
-                aux = aux + layer_aux
-                stats[block.idx] = layer_stats
+            x, moe_out = block(x, cos, sin, mask, token_mask, kv_cache)
+            if moe_out is not None:
+                moe_outputs[block.idx] = moe_out
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.lm_head is None else self.lm_head(x)
         loss = None
@@ -252,7 +274,10 @@ class MoETransformer(nn.Module):
             if attention_mask is not None:
                 labels = labels.masked_fill(~attention_mask.bool(), -100)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return ModelOutput(logits, loss, aux, stats, kv_cache)
+        out = ModelOutput(logits, loss, moe_outputs, kv_cache)
+        if torch.compiler.is_compiling():
+            out.aux_loss, out.stats  # noqa: B018 - in the graph, not after it
+        return out
 
     def num_params(self) -> dict[str, int]:
         """Total parameters and active parameters per token (embedding and head counted; once if tied)."""
