@@ -190,13 +190,13 @@ class MoELayer(nn.Module):
             # one op with static shapes: a dropped assignment is marked by expert id E, the sort and
             # the per-expert counts happen inside (torch.compile traces the layer without breaks)
             expert_A = a.expert_A if keep_A is None else a.expert_A.masked_fill(~keep_A, E)
-            counts_E = R.expert_counts(expert_A, E)
+            counts_E = None  # only the stats need them: counted when those are read
             y_nD = self.experts.combine(x_nD, a.token_A, expert_A, a.weight_A)
         else:  # expert parallel: each expert's run goes to its rank and back (moekit.parallel.dispatcher)
             if keep_A is not None:
                 a = a.select(keep_A)
             d = sort_by_expert(a.token_A, a.expert_A, a.weight_A, E)
-            counts_E = d.counts_E
+            expert_A, counts_E = a.expert_A, d.counts_E
             y_nD = self.dispatcher(x_nD, d, self.experts)
         if self.shared_experts is not None:
             y_nD = y_nD + self.shared_experts(x_nD)
@@ -212,7 +212,8 @@ class MoELayer(nn.Module):
 
         def losses_and_stats() -> tuple[Tensor, MoEStats]:
             with torch.set_grad_enabled(grad):  # whenever it is read: the forward's grad mode
-                return self._losses(routing, counts_E, dropped, num_assign, n, seq_ids_T, num_seqs)
+                counts = R.expert_counts(expert_A, E) if counts_E is None else counts_E
+                return self._losses(routing, counts, dropped, num_assign, n, seq_ids_T, num_seqs)
 
         if torch.compiler.is_compiling():
             return MoEOutput(y_TD.reshape(x.shape), *losses_and_stats())
