@@ -138,3 +138,20 @@ def test_loss_decreases_when_overfitting_one_batch(router):
         losses.append(float(out.loss.detach()))
     assert losses[0] > 3.5  # about ln(48) = 3.87 at the start
     assert losses[-1] < 0.25 * losses[0], losses[::10]
+
+
+def test_compiled_training_follows_eager(tmp_path, flags, losses):
+    """--compile trains the same model (torch.compile shares its parameters): the loss curve matches eager
+    up to kernel rounding, and the checkpoint holds the plain model's weight names."""
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    assert main(flags(eager, 3, "--eval-interval", "3")) == 0
+    assert main(flags(comp, 3, "--eval-interval", "3", "--compile")) == 0
+    le, lc = losses(eager), losses(comp)
+    assert sorted(le) == sorted(lc) == [1, 2, 3]
+    for step in le:
+        assert lc[step][0] == pytest.approx(le[step][0], rel=1e-4, abs=1e-5)
+        assert lc[step][1] == pytest.approx(le[step][1], rel=1e-3, abs=1e-6)
+    assert json.loads((comp / "train_config.json").read_text())["compile"] is True
+    from safetensors import safe_open
+    with safe_open(str(comp / "model.safetensors"), "pt") as f:
+        assert not any("_orig_mod" in k for k in f.keys())

@@ -140,6 +140,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
     if dist is not None:  # [issue 7] expert/data parallel: check configs agree, keep this rank's experts
         dist.setup_model(model, model_cfg, cfg)
     opt = build_optimizer(model, cfg)
+    # the compiled module shares the model's parameters; checkpoints and the optimizer use the model
+    fwd = torch.compile(model) if cfg.compile else model
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume:
@@ -193,7 +195,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInf
             x, y = train_data.get_batch(cfg.batch_size, cfg.seq_len, gen)
             if dist is not None:  # [issue 7] this rank's rows of the global batch
                 x, y = dist.shard_batch(step, x, y)
-            out = model(x, labels=y)
+            out = fwd(x, labels=y)
             total = out.loss + out.aux_loss
             last_loss = float(out.loss.detach())
             if dist is not None:  # [issue 7] the global batch's loss (NaN on every rank if any rank diverged)
