@@ -130,6 +130,7 @@ def build_impls(s: Shape, dtype=torch.float32, with_hf: bool = True, with_compil
         Impl("moekit-capacity1.25", capped, lambda x, m=capped: m(x).output, "capacity factor 1.25, probs drops"),
     ]
     if with_compiled:
+        torch._dynamo.reset()  # each shape compiles afresh: the layers of earlier shapes do not count
         for layer in (dropless, capped):
             twin = _moekit(s, layer.cfg.capacity_factor, dtype)
             twin.load_state_dict(dropless.state_dict())
