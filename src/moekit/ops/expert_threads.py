@@ -3,8 +3,9 @@
 Why: a fine-grained MoE (many experts, a few hundred rows each) runs one small GEMM per expert. Split
 over the intra-op threads, each small GEMM pays a thread barrier and every thread re-packs the
 expert's cold weight block; giving each core whole experts (one single-threaded GEMM at a time)
-avoids both. Measured on 2 AVX-512 cores, 64 experts x ~256 rows x (1024 -> 1024), idle machine:
-~280 GFLOP/s expert-serial vs ~310 GFLOP/s expert-parallel (a dense 2048-row GEMM: ~330).
+avoids both. Measured on 2 AVX-512 cores, idle machine, 64 experts x ~256 rows (bench shape B):
+gate+up GEMMs (1024 -> 2 x 512) ~265 GFLOP/s expert-serial vs ~290 expert-parallel, down GEMMs
+(512 -> 1024) ~250 vs ~280; the dense 2048-row GEMMs of the same FLOPs: ~310-330.
 
 How: a small pool of persistent worker threads, each pinned to one intra-op thread once, when the
 pool is made (``torch.set_num_threads`` in a worker also moves the process-wide default that new
@@ -31,7 +32,8 @@ __all__ = ["expert_runs", "balanced_chunks", "for_each_expert", "use_expert_thre
 # for a while after each parallel op and compete with them), and enough non-empty experts per
 # thread for the row counts to balance. Measured: the default LM (d 128, 8 experts of hidden 256,
 # ~512 rows each, 17M multiply-adds per expert GEMM) trains 17% slower with expert threads; shape B
-# of `moekit bench layer` (256 rows x 1024 x 512, 134M) runs 3-8% faster.
+# of `moekit bench layer` (256 rows x 1024 x 512, 134M) runs 4% (forward) and 10% (forward+backward)
+# faster, shape A 1-2%.
 MIN_MEAN_ROWS = 64
 MIN_MACS_PER_EXPERT = 1 << 26
 MIN_RUNS_PER_THREAD = 4
