@@ -53,6 +53,11 @@ def test_lm_trains_under_compile_without_graph_breaks():
     ids, labels = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     breaks, reasons = _graph_breaks(lambda i, l: model(i, labels=l).loss, ids, labels)
     assert breaks == 0, reasons
+    attention_mask = torch.ones(2, 16, dtype=torch.long)
+    attention_mask[0, :5] = 0  # left padding
+    breaks, reasons = _graph_breaks(lambda i, l, a: model(i, labels=l, attention_mask=a).loss, ids, labels,
+                                    attention_mask)
+    assert breaks == 0, reasons
 
 
 def _loss_and_grads(fn, layer: MoELayer, x: torch.Tensor):
@@ -93,3 +98,51 @@ def test_inductor_compiled_capacity_layer_equals_eager():
     # a second shape recompiles (or reuses a dynamic graph) and is still right
     x2 = torch.randn(1, 10, 16)
     _assert_same(_loss_and_grads(compiled, layer, x2), _loss_and_grads(layer, layer, x2))
+
+
+MASKED = [c for c in CASES if c[0] != "expert_choice"]
+
+
+@pytest.mark.parametrize("router,cf", MASKED, ids=[f"{r}-{'cap' if cf else 'dropless'}" for r, cf in MASKED])
+def test_padding_mask_traces_without_graph_breaks_and_matches_eager(router, cf):
+    """With a token_mask, token-choice and dense routers keep static shapes (padding is masked, not
+    removed): no graph break, and the compiled layer equals eager, padding outputs exactly 0."""
+    layer = _layer(router, cf, seq_aux=router == "sigmoid_bias", aux_loss_coef=0.01, z_loss_coef=1e-3,
+                   importance_loss_coef=0.1).eval()  # eval: noisy_topk deterministic
+    x = torch.randn(2, 9, 16)
+    x[1, 6:] = float("nan")  # padding content must never matter
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    breaks, reasons = _graph_breaks(lambda x, m: layer(x, token_mask=m).output, x, mask)
+    assert breaks == 0, reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    want = layer(x, token_mask=mask)
+    got = compiled(x, token_mask=mask)
+    torch.testing.assert_close(got.output, want.output, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.output[1, 6:], torch.zeros(3, 16))
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got.stats.tokens_per_expert, want.stats.tokens_per_expert)
+    assert int(got.stats.num_tokens) == want.stats.num_tokens == 15
+    assert int(got.stats.dropped) == int(want.stats.dropped)
+    gy = torch.randn_like(want.output)
+    params = list(layer.parameters())
+    g_want = torch.autograd.grad((want.output * gy).sum() + want.aux_loss, params, allow_unused=True)
+    g_got = torch.autograd.grad((got.output * gy).sum() + got.aux_loss, params, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_choice_with_padding_still_compiles_with_a_break():
+    layer = _layer("expert_choice", None)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 5:] = False
+    breaks, _ = _graph_breaks(lambda x, m: layer(x, token_mask=m).output, torch.randn(2, 8, 16), mask)
+    assert breaks >= 1  # each expert's pick is sized by the count of real tokens
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(compiled(x, token_mask=mask).output, layer(x, token_mask=mask).output)

@@ -125,8 +125,14 @@ def sigmoid_bias_route(
     return Routing(logits_TE, probs_TE, indices_TK, weights_TK)
 
 
-def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
-    """C = min(n, ceil(capacity_factor * n * k / E)) slots per expert."""
+def capacity(num_tokens: int | Tensor, num_experts: int, k: int, capacity_factor: float) -> int | Tensor:
+    """C = min(n, ceil(capacity_factor * n * k / E)) slots per expert.
+
+    ``num_tokens`` may be a 0-d tensor (a count of real tokens under a padding mask); then so is C,
+    computed in float64 with the same operations as the int case."""
+    if isinstance(num_tokens, Tensor):
+        c = torch.ceil(num_tokens.to(torch.float64) * capacity_factor * k / num_experts).to(num_tokens.dtype)
+        return torch.minimum(num_tokens, c)
     return min(num_tokens, math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
@@ -176,11 +182,13 @@ def expert_counts(expert_A: Tensor, num_experts: int) -> Tensor:
     return torch.zeros(num_experts + 1, dtype=torch.long, device=idx.device).scatter_add_(0, idx, ones)[:num_experts]
 
 
-def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int, policy: str) -> Tensor:
+def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int | Tensor, policy: str,
+                   valid_A: Tensor | None = None) -> Tensor:
     """Boolean keep mask (A,) leaving each expert at most ``cap`` assignments.
 
     ``position`` (GShard): an expert keeps the earliest tokens, all first choices before any
     second choice. ``probs``: an expert keeps its ``cap`` highest-weight assignments.
+    ``valid_A`` (padding mask per assignment): invalid assignments take no slot and are not kept.
     """
     if policy == "position":
         priority_A = (a.rank_A * num_tokens + a.token_A).to(torch.float64)
@@ -188,6 +196,8 @@ def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int, 
         priority_A = -a.weight_A.detach().to(torch.float64)
     else:
         raise ValueError(f"drop_policy={policy!r} is unknown; choose 'probs' or 'position'")
+    if valid_A is not None:  # padding sorts after every real assignment of its expert
+        priority_A = priority_A.masked_fill(~valid_A, float("inf"))
     # 1. order by priority, then (stably) by expert: each expert's assignments become a
     #    contiguous run sorted by priority
     order = priority_A.argsort(stable=True)
@@ -198,4 +208,4 @@ def apply_capacity(a: Assignments, num_experts: int, num_tokens: int, cap: int, 
     pos_sorted = torch.arange(order.numel(), device=order.device) - starts_E[a.expert_A[order]]
     keep_A = torch.empty_like(a.expert_A, dtype=torch.bool)
     keep_A[order] = pos_sorted < cap
-    return keep_A
+    return keep_A if valid_A is None else keep_A & valid_A

@@ -28,7 +28,7 @@ class MoEStats:
     tokens_per_expert: Tensor  # (E,) assignments computed by each expert (after drops)
     dropped: Tensor  # () assignments dropped by the capacity limit
     num_assignments: Tensor  # () assignments before drops
-    num_tokens: int  # routed (non-padding) tokens
+    num_tokens: int  # routed (non-padding) tokens (a 0-d tensor inside a torch.compile'd graph with a mask)
     balance_loss: Tensor
     z_loss: Tensor
     importance_loss: Tensor
@@ -164,27 +164,38 @@ class MoELayer(nn.Module):
         if x.dim() == 3 and cfg.seq_aux:
             B, S = x.shape[:2]
             seq_ids_T = torch.arange(B, device=x.device).repeat_interleave(S)
-        # 1. drop padding: it is neither routed, nor computed, nor counted
-        valid_n = None
-        if token_mask is not None:
+        # 1. padding is neither routed to an expert, nor computed, nor counted. Token-choice and dense
+        #    routers keep static shapes: padding rows are zeroed (finite, whatever they held), routed,
+        #    and masked out of the assignments, losses and stats. Padding is removed by index instead
+        #    where the count of real tokens matters: expert choice sizes each expert's pick by it, and a
+        #    training router that draws noise/jitter draws it for the real tokens only.
+        mask_T = valid_n = None
+        random_router = self.training and (cfg.router == "noisy_topk" or cfg.router_jitter > 0)
+        if token_mask is not None and cfg.router != "expert_choice" and not random_router:
+            mask_T = token_mask.reshape(-1).to(torch.bool)
+            x_nD = torch.where(mask_T.unsqueeze(1), x_TD, 0)
+            n = mask_T.sum()
+        elif token_mask is not None:
             valid_n = token_mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)
             x_nD = x_TD.index_select(0, valid_n)
             if seq_ids_T is not None:
                 seq_ids_T = seq_ids_T[valid_n]
+            n = x_nD.shape[0]
         else:
             x_nD = x_TD
-        n = x_nD.shape[0]
+            n = T
         # 2. route in fp32
         routing = self.router(x_nD)
         a = R.assignments(routing)
-        num_assign = a.token_A.numel()
+        valid_A = None if mask_T is None else mask_T[a.token_A]
+        num_assign = a.token_A.numel() if valid_A is None else valid_A.sum()
         # 3. capacity: drop assignments beyond each expert's C slots
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
-        keep_A = None
-        if cfg.capacity_factor is not None and cfg.is_token_choice and n > 0:
+        keep_A = valid_A
+        if cfg.capacity_factor is not None and cfg.is_token_choice and (mask_T is not None or n > 0):
             cap = R.capacity(n, E, cfg.top_k, cfg.capacity_factor)
-            keep_A = R.apply_capacity(a, E, n, cap, cfg.drop_policy)
-            dropped = (~keep_A).sum()
+            keep_A = R.apply_capacity(a, E, x_nD.shape[0], cap, cfg.drop_policy, valid_A)
+            dropped = (~keep_A).sum() if valid_A is None else (valid_A & ~keep_A).sum()
         # 4. group by expert, run experts, weighted combine
         if self.dispatcher is None:
             # one op with static shapes: a dropped assignment is marked by expert id E, the sort and
@@ -202,44 +213,56 @@ class MoELayer(nn.Module):
             y_nD = y_nD + self.shared_experts(x_nD)
         # a NaN/inf token must not vanish silently (e.g. dropped or untaken): propagate it
         y_nD = y_nD + (routing.logits_TE.sum(dim=-1, keepdim=True) * 0).to(y_nD.dtype)
-        # 5. scatter back over padding
+        # 5. padding outputs are exactly 0
         if valid_n is not None:
             y_TD = torch.zeros_like(x_TD).index_copy(0, valid_n, y_nD)
+        elif mask_T is not None:
+            y_TD = torch.where(mask_T.unsqueeze(1), y_nD, 0)
         else:
             y_TD = y_nD
         num_seqs = x.shape[0] if seq_ids_T is not None else 1
         grad = torch.is_grad_enabled()
+        compiling = torch.compiler.is_compiling()
 
         def losses_and_stats() -> tuple[Tensor, MoEStats]:
             with torch.set_grad_enabled(grad):  # whenever it is read: the forward's grad mode
                 counts = R.expert_counts(expert_A, E) if counts_E is None else counts_E
-                return self._losses(routing, counts, dropped, num_assign, n, seq_ids_T, num_seqs)
+                # an int eagerly (stats are read outside the hot path); a tensor inside a compiled graph
+                n_tokens = n if (compiling or not isinstance(n, Tensor)) else int(n)
+                return self._losses(routing, counts, dropped, num_assign, n_tokens, seq_ids_T, num_seqs, mask_T)
 
-        if torch.compiler.is_compiling():
+        if compiling:
             return MoEOutput(y_TD.reshape(x.shape), *losses_and_stats())
         return MoEOutput(y_TD.reshape(x.shape), compute=losses_and_stats)
 
-    def _losses(self, routing: R.Routing, counts_E: Tensor, dropped: Tensor, num_assign: int,
-                n: int, seq_ids_T: Tensor | None, num_seqs: int) -> tuple[Tensor, MoEStats]:
+    def _losses(self, routing: R.Routing, counts_E: Tensor, dropped: Tensor, num_assign: int | Tensor,
+                n: int | Tensor, seq_ids_T: Tensor | None, num_seqs: int,
+                mask_T: Tensor | None) -> tuple[Tensor, MoEStats]:
+        """Balancing terms and stats over the real tokens: all rows, or the rows where ``mask_T``."""
         cfg = self.cfg
         E = cfg.num_experts
         logits_TE, probs_TE = routing.logits_TE, routing.probs_TE
         zero = logits_TE.new_zeros(())
-        if routing.indices_TK is not None and n > 0:
+        any_tokens = mask_T is not None or n > 0  # a masked count is a tensor: its terms handle n = 0
+        if routing.indices_TK is not None and any_tokens:
             if seq_ids_T is not None:
-                balance = L.sequence_balancing_loss(probs_TE, routing.indices_TK, seq_ids_T, num_seqs, E)
+                balance = L.sequence_balancing_loss(probs_TE, routing.indices_TK, seq_ids_T, num_seqs, E, mask_T)
             else:
-                balance = L.load_balancing_loss(probs_TE, routing.indices_TK, E)
+                balance = L.load_balancing_loss(probs_TE, routing.indices_TK, E, mask_T)
         else:
             balance = zero  # expert choice and dense are balanced by construction
-        z = L.z_loss(logits_TE)
-        if n > 0:  # per-expert gate sums, straight from the assignments (no (T, E) gate matrix)
+        z = L.z_loss(logits_TE, mask_T)
+        if any_tokens:  # per-expert gate sums, straight from the assignments (no (T, E) gate matrix)
             if routing.indices_TK is not None:
+                token_A = None
                 expert_A, weight_A = routing.indices_TK.reshape(-1), routing.weights_TK.reshape(-1)
             else:
-                expert_A, weight_A = routing.expert_A, routing.weight_A
-            importance_E = probs_TE.new_zeros(E).index_add(0, expert_A, weight_A.to(probs_TE.dtype))
-            importance = L.cv_squared(importance_E)
+                token_A, expert_A, weight_A = routing.token_A, routing.expert_A, routing.weight_A
+            weight_A = weight_A.to(probs_TE.dtype)
+            if mask_T is not None:
+                valid_A = mask_T[token_A] if token_A is not None else mask_T.repeat_interleave(routing.indices_TK.shape[1])
+                weight_A = torch.where(valid_A, weight_A, 0)
+            importance = L.cv_squared(probs_TE.new_zeros(E).index_add(0, expert_A, weight_A))
         else:
             importance = zero
         aux = zero
@@ -248,11 +271,15 @@ class MoELayer(nn.Module):
                 aux = aux + coef * term
         with torch.no_grad():
             # for sigmoid_bias this is the entropy of the normalised scores s / sum(s)
-            entropy = torch.special.entr(probs_TE).sum(-1).mean() if n > 0 else zero
+            entropy_T = torch.special.entr(probs_TE).sum(-1)
+            if mask_T is not None:
+                entropy = torch.where(mask_T, entropy_T, 0).sum() / mask_T.sum().clamp_min(1)
+            else:
+                entropy = entropy_T.mean() if n > 0 else zero
         stats = MoEStats(
             tokens_per_expert=counts_E.detach(),
             dropped=dropped.detach(),
-            num_assignments=torch.tensor(num_assign, device=counts_E.device),
+            num_assignments=torch.as_tensor(num_assign, device=counts_E.device),
             num_tokens=n,
             balance_loss=balance.detach(),
             z_loss=z.detach(),
