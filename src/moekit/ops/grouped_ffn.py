@@ -189,12 +189,15 @@ def grouped_ffn_combine(x_TD: Tensor, token_A: Tensor, weight_A: Tensor, w_gate:
 
 
 # -- unsorted entry point: the compile-friendly custom op --------------------------------------------
+def _host_counts(expert_A: Tensor, num_experts: int) -> list[int]:
+    """Rows of each expert, on the host (the op's one sync); dropped assignments (id E) not counted."""
+    return torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts].tolist()
+
+
 def _plan(expert_A: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
     """Kept assignments' indices sorted by expert (stable) and the per-expert counts on the host.
     Dropped assignments (expert id E) sort last and are left out."""
-    order_A = expert_A.argsort(stable=True)
-    counts = torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts].tolist()
-    return order_A, counts
+    return expert_A.argsort(stable=True), _host_counts(expert_A, num_experts)
 
 
 def _grouped_ffn_impl(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
@@ -211,8 +214,7 @@ def _grouped_ffn_backward_impl(gout_TD: Tensor, x_TD: Tensor, token_A: Tensor, e
                                w_gate: Tensor | None, w_up: Tensor, w_down: Tensor, order_A: Tensor, g_AH: Tensor,
                                u_AH: Tensor, activation: str, needs: list[bool]) -> tuple[Tensor | None, ...]:
     """(dx_TD, dweight_A, dw_gate, dw_up, dw_down), None where not needed."""
-    E = w_up.shape[0]
-    counts = torch.bincount(expert_A, minlength=E + 1)[:E].tolist()
+    counts = _host_counts(expert_A, w_up.shape[0])
     S = sum(counts)
     kept_S = order_A[:S]
     dx, gw_S, dwg, dwu, dwd = _sorted_backward(gout_TD, x_TD, token_A[kept_S], weight_A[kept_S], w_gate, w_up, w_down,
