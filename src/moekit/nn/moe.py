@@ -229,16 +229,18 @@ class MoELayer(nn.Module):
                 counts = R.expert_counts(expert_A, E) if counts_E is None else counts_E
                 # an int eagerly (stats are read outside the hot path); a tensor inside a compiled graph
                 n_tokens = n if (compiling or not isinstance(n, Tensor)) else int(n)
-                return self._losses(routing, counts, dropped, num_assign, n_tokens, seq_ids_T, num_seqs, mask_T)
+                return self._losses(routing, counts, dropped, num_assign, n_tokens, seq_ids_T, num_seqs, mask_T,
+                                    valid_A)
 
         if compiling:
             return MoEOutput(y_TD.reshape(x.shape), *losses_and_stats())
         return MoEOutput(y_TD.reshape(x.shape), compute=losses_and_stats)
 
     def _losses(self, routing: R.Routing, counts_E: Tensor, dropped: Tensor, num_assign: int | Tensor,
-                n: int | Tensor, seq_ids_T: Tensor | None, num_seqs: int,
-                mask_T: Tensor | None) -> tuple[Tensor, MoEStats]:
-        """Balancing terms and stats over the real tokens: all rows, or the rows where ``mask_T``."""
+                n: int | Tensor, seq_ids_T: Tensor | None, num_seqs: int, mask_T: Tensor | None,
+                valid_A: Tensor | None) -> tuple[Tensor, MoEStats]:
+        """Balancing terms and stats over the real tokens: all rows, or the rows where ``mask_T``
+        (``valid_A``: the same per assignment, in :func:`R.assignments` order)."""
         cfg = self.cfg
         E = cfg.num_experts
         logits_TE, probs_TE = routing.logits_TE, routing.probs_TE
@@ -254,13 +256,11 @@ class MoELayer(nn.Module):
         z = L.z_loss(logits_TE, mask_T)
         if any_tokens:  # per-expert gate sums, straight from the assignments (no (T, E) gate matrix)
             if routing.indices_TK is not None:
-                token_A = None
                 expert_A, weight_A = routing.indices_TK.reshape(-1), routing.weights_TK.reshape(-1)
             else:
-                token_A, expert_A, weight_A = routing.token_A, routing.expert_A, routing.weight_A
+                expert_A, weight_A = routing.expert_A, routing.weight_A
             weight_A = weight_A.to(probs_TE.dtype)
-            if mask_T is not None:
-                valid_A = mask_T[token_A] if token_A is not None else mask_T.repeat_interleave(routing.indices_TK.shape[1])
+            if valid_A is not None:
                 weight_A = torch.where(valid_A, weight_A, 0)
             importance = L.cv_squared(probs_TE.new_zeros(E).index_add(0, expert_A, weight_A))
         else:
