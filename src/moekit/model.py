@@ -1,5 +1,6 @@
 """Public home of the language model: ``from moekit.model import ModelConfig, MoETransformer``."""
+from moekit.config import ModelConfig
 from moekit.nn.attention import KVCache
-from moekit.nn.transformer import ModelConfig, ModelOutput, MoETransformer
+from moekit.nn.transformer import ModelOutput, MoETransformer
 
-__all__ = ["ModelConfig", "MoETransformer", "ModelOutput", "KVCache"]
+__all__ = ["KVCache", "MoETransformer", "ModelConfig", "ModelOutput"]

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import MoEConfig
+from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.data import DataInfo, split_of
-from moekit.nn.transformer import ModelConfig
-from moekit.train.config import TrainConfig
 from moekit.train.loop import TrainResult, train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

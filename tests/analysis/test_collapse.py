@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from _analysis_runs import quiet_train, tiny_model, tiny_train
 
-from moekit.analysis.collapse import CollapseDetector, replay_collapse
+from moekit.train.monitor import CollapseDetector, replay_collapse
 from moekit.analysis.stats import load_metrics
 from moekit.train.loop import RoutingCollapsed
 

@@ -61,5 +61,6 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, monkeypatch, capsys):
                     for n in ("dense-equivalent", "moekit-dropless", "moekit-capacity1.25")]
     rec = json.loads(out.read_text())
     assert rec["meta"]["threads"] == 1 and rec["meta"]["dtype"] == "float32"
+    assert rec["meta"]["settings"]["threads"] == 1 and rec["meta"]["settings"]["keep_freed_memory"] is True
     assert [r["shape"]["key"] for r in rec["results"]] == ["decode1", "decode8"]
     assert len(rec["results"][0]["impls"]["moekit-dropless"]["fwd"]["times_s"]) == 21  # decode: >= 21 reps

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moekit import MoEConfig, MoELayer
+from moekit.parallel import shard_moe_layer
 
 D, H, E, K = 8, 12, 8, 2
 
@@ -56,7 +57,7 @@ def _one_case(rank: int, world: int, router: str, mode: str) -> dict[str, float]
     torch.manual_seed(1)
     ref = MoELayer(cfg)
     torch.manual_seed(1)
-    ep = MoELayer(cfg, ep_group=dist.group.WORLD)
+    ep = shard_moe_layer(MoELayer(cfg), dist.group.WORLD)
     L = E // world
     sl = slice(rank * L, (rank + 1) * L)
     # the EP layer built from the same seed holds exactly its slice of the reference's experts

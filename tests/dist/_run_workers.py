@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 from moekit import MoEConfig, MoELayer
-from moekit.nn.transformer import ModelConfig, MoETransformer
-from moekit.train.config import TrainConfig
+from moekit.config import ModelConfig, TrainConfig
+from moekit.nn.transformer import MoETransformer
+from moekit.parallel import shard_moe_layer
 
 CKPT_SEED = 11
 
@@ -45,13 +46,13 @@ def ckpt_reference() -> tuple[MoETransformer, torch.Tensor]:
 def _errors(rank: int, world: int) -> dict[str, str]:
     out = {}
     try:
-        MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=6, top_k=2), ep_group=dist.group.WORLD)
+        shard_moe_layer(MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=6, top_k=2)), dist.group.WORLD)
         out["indivisible"] = "no error"
     except ValueError as e:
         out["indivisible"] = str(e)
     cfg = MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=1 if rank == 2 else 2)
     try:
-        MoELayer(cfg, ep_group=dist.group.WORLD)
+        shard_moe_layer(MoELayer(cfg), dist.group.WORLD)
         out["mismatch"] = "no error"
     except RuntimeError as e:
         out["mismatch"] = str(e)
@@ -60,16 +61,16 @@ def _errors(rank: int, world: int) -> dict[str, str]:
 
 def world4(rank: int, world: int, data, run_dir: str, ckpt_dir: str) -> dict:
     from moekit.parallel import apply_expert_parallel, build_groups, save_dcp
-    from moekit.train.distributed import DistributedContext
+    from moekit.train.distributed import DistributedRuntime
     from moekit.train.loop import train
 
     result: dict = {"layers": _layer_workers.layer_parity(rank, world), "errors": _errors(rank, world)}
     # training: ep=2 x dp=2, the global batch split over the 4 ranks
     mcfg, tcfg = train_configs()
     groups = build_groups(2)
-    ctx = DistributedContext(groups, Path(run_dir))
+    ctx = DistributedRuntime(groups, Path(run_dir))
     my_dir = Path(run_dir) if rank == 0 else Path(run_dir) / "ranks" / f"rank{rank}"
-    train(mcfg, tcfg, my_dir, data, dist=ctx, label=f"ep2dp2-r{rank}")
+    train(mcfg, tcfg, my_dir, data, runtime=ctx, label=f"ep2dp2-r{rank}")
     result["metrics"] = [json.loads(line) for line in (my_dir / "metrics.jsonl").read_text().splitlines()]
     # a checkpoint saved with ep=4
     g4 = build_groups(4)
@@ -110,7 +111,7 @@ def dies_early(rank: int, world: int) -> str:
     import time
 
     cfg = MoEConfig(d_model=8, d_hidden=8, num_experts=2, top_k=1, router="switch")
-    layer = MoELayer(cfg, ep_group=dist.group.WORLD)
+    layer = shard_moe_layer(MoELayer(cfg), dist.group.WORLD)
     if rank == 1:
         os._exit(3)
     time.sleep(0.5)

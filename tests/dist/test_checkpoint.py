@@ -6,7 +6,7 @@ from _run_workers import ckpt_config, ckpt_reference
 
 from moekit.nn.transformer import MoETransformer
 from moekit.parallel import export_dcp_to_safetensors, load_dcp, read_dcp_info
-from moekit.train.checkpoint import load_weights
+from moekit.rundir import load_weights
 
 
 def test_ep4_checkpoint_loads_with_ep2(world2) -> None:

@@ -8,7 +8,7 @@ from _run_workers import train_configs
 
 from moekit.nn.transformer import MoETransformer
 from moekit.parallel import load_dcp
-from moekit.train.checkpoint import load_weights
+from moekit.rundir import load_weights
 from moekit.train.loop import train
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.config import MoEConfig
-from moekit.nn.transformer import ModelConfig, MoETransformer
+from moekit.config import ModelConfig, MoEConfig
+from moekit.nn.transformer import MoETransformer
 
 V, D, H, E, K = 64, 32, 64, 4, 2
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.config import MoEConfig
+from moekit.config import ModelConfig, MoEConfig
 from moekit.nn.experts import MLP
 from moekit.nn.moe import MoELayer
-from moekit.nn.transformer import ModelConfig, MoETransformer
+from moekit.nn.transformer import MoETransformer
 
 V, E = 64, 4
 ROUTERS = ["topk", "switch", "noisy_topk", "sigmoid_bias", "expert_choice", "dense"]

@@ -26,7 +26,7 @@ from moekit.cli.main import main
 from moekit.config import MoEConfig
 from moekit.hf import load_any, save_pretrained
 from moekit.model import ModelConfig, MoETransformer
-from moekit.train.checkpoint import save_weights
+from moekit.rundir import save_weights
 
 D = 48
 

@@ -16,11 +16,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moekit.cli.generate import main as generate_main
 from moekit.cli.main import main as moekit_main
 from moekit.cli.train import main as train_main
+from moekit.config import ModelConfig, TrainConfig
 from moekit.data import TokenDataset, prepare_data
-from moekit.nn.transformer import ModelConfig, MoETransformer
-from moekit.train.config import TrainConfig
+from moekit.nn.transformer import MoETransformer
 from moekit.train.init import load_init, load_init_state
-from moekit.train.loop import evaluate
+from moekit.train.runtime import evaluate
 
 TRAIN = ["--seq-len", "32", "--batch-size", "4", "--eval-interval", "5", "--eval-batches", "2",
          "--ckpt-interval", "5", "--threads", "1"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moekit.cli.train import main
-from moekit.nn.transformer import ModelConfig, MoETransformer
-from moekit.train.config import TrainConfig
+from moekit.config import ModelConfig, TrainConfig
+from moekit.nn.transformer import MoETransformer
 from moekit.train.loop import build_optimizer
 
 

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from moekit.cli.train import main
 from moekit.infer import load_run
-from moekit.nn.transformer import ModelConfig, MoETransformer
+from moekit.config import ModelConfig
+from moekit.nn.transformer import MoETransformer
 from moekit.train import loop
-from moekit.train.checkpoint import CheckpointError, load_checkpoint, load_weights, read_manifest
+from moekit.rundir import CheckpointError, load_checkpoint, load_weights, read_manifest
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from moekit.cli.train import main
-from moekit.nn.transformer import ModelConfig, MoETransformer
-from moekit.train import checkpoint as ckpt
-from moekit.train.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from moekit.config import ModelConfig
+from moekit.nn.transformer import MoETransformer
+from moekit.rundir import files as ckpt_files
+from moekit.rundir import run as ckpt
+from moekit.rundir import load_checkpoint, read_manifest, save_checkpoint
 
 STEPS = 40
 # noisy_topk: the global RNG matters; warmup 3: most steps are in the cosine part of the schedule
@@ -140,7 +142,7 @@ def test_a_crash_inside_a_save_leaves_a_loadable_checkpoint(crash_at, tmp_path, 
                 raise Crash()
             real_replace(src, dst)
 
-        monkeypatch.setattr(ckpt.os, "replace", replace)
+        monkeypatch.setattr(ckpt_files.os, "replace", replace)
     with pytest.raises(Crash):
         save_checkpoint(tmp_path, model, _state(10), 10)
     monkeypatch.undo()

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.cli.train import main
-from moekit.train import loop
-from moekit.train.checkpoint import read_manifest
-from moekit.train.config import TrainConfig
+from moekit.train.progress import Progress
+from moekit.rundir import read_manifest
+from moekit.config import TrainConfig
 
 N = 10  # 2N = 20 steps, all within the default 30 warmup steps: the LR schedule does not depend on --steps
 
@@ -58,14 +58,14 @@ def test_resume_overrides_become_the_runs_plan(tmp_path, flags, losses, monkeypa
         assert main(flags(d, 4, "--warmup-steps", "2", "--ckpt-interval", "4")) == 0
     assert main(["--resume", str(ref), "--steps", "12"]) == 0
 
-    update = loop.Progress.update
+    update = Progress.update
 
     def sigterm_at_step_8(self, step, *args):
         update(self, step, *args)
         if step == 8:
             signal.raise_signal(signal.SIGTERM)  # the trainer's handler: finish the step, checkpoint, stop
 
-    monkeypatch.setattr(loop.Progress, "update", sigterm_at_step_8)
+    monkeypatch.setattr(Progress, "update", sigterm_at_step_8)
     assert main(["--resume", str(run), "--steps", "12"]) == 130
     monkeypatch.undo()
     assert read_manifest(run)["step"] == 8

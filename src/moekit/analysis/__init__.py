@@ -9,7 +9,7 @@
 No side effects at import: matplotlib is imported inside the plotting functions, the model and
 tokenizer inside the loaders.
 """
-from moekit.analysis.collapse import CollapseDetector, replay_collapse
+from moekit.train.monitor import CollapseDetector, replay_collapse
 from moekit.analysis.report import write_report
 from moekit.analysis.specialization import Specialization, inspect_run, load_run_model
 from moekit.analysis.stats import (

@@ -21,6 +21,7 @@ import numpy as np
 from moekit.analysis.plots import plot_expert_load, plot_losses, plot_routing_health
 from moekit.analysis.specialization import Specialization, inspect_run, show_token
 from moekit.analysis.stats import RunMetrics, layer_summary, load_metrics
+from moekit.rundir import atomic_write
 
 __all__ = ["model_params", "run_labels", "write_report"]
 
@@ -51,7 +52,8 @@ def model_params(model_config: dict[str, Any]) -> dict[str, int] | None:
         return None
     import torch
 
-    from moekit.nn.transformer import ModelConfig, MoETransformer
+    from moekit.config import ModelConfig
+    from moekit.nn.transformer import MoETransformer
 
     try:
         cfg = ModelConfig.from_dict(model_config)
@@ -260,6 +262,4 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, spec_to
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
-    path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write(out_dir / "report.html", page)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from moekit.rundir import DATA_DIR, TOKENIZER_FILE, RunDir
+
 __all__ = [
     "ExpertProfile",
     "LayerRoutes",
@@ -64,20 +66,16 @@ class RoutedModel:
 def load_run_model(run_dir: str | Path) -> RoutedModel:
     """A moekit run directory (config.json, model.safetensors, tokenizer.json) as a RoutedModel.
 
-    Routing is read with forward hooks on the routers, so the model code is untouched.
+    The model is ``RunDir.load_model()`` (the checked load); routing is read with forward hooks on the
+    routers, so the model code is untouched.
     """
     import torch
 
     from moekit.data import load_tokenizer
     from moekit.functional import routing as R
-    from moekit.nn.transformer import ModelConfig, MoETransformer
-    from moekit.train.checkpoint import load_weights
 
-    run_dir = Path(run_dir)
-    cfg = ModelConfig.from_json(run_dir / "config.json")
-    model = MoETransformer(cfg)
-    load_weights(model, run_dir / "model.safetensors")
-    model.eval()
+    run = RunDir(run_dir)
+    model = run.load_model()
     routers = {b.idx: b.ffn.router for b in model.layers if b.is_moe}
 
     @torch.no_grad()
@@ -98,7 +96,7 @@ def load_run_model(run_dir: str | Path) -> RoutedModel:
                                    routers[idx].cfg.num_experts)
         return out
 
-    return RoutedModel(str(run_dir), load_tokenizer(run_dir), cfg.max_seq_len, route)
+    return RoutedModel(str(run.path), load_tokenizer(run.tokenizer_path), model.config.max_seq_len, route)
 
 
 # ---------------------------------------------------------------- held-out text
@@ -106,10 +104,10 @@ def load_run_model(run_dir: str | Path) -> RoutedModel:
 def _find_val_dir(run_dir: Path) -> Path | None:
     """The prepared-data folder of a run whose tokenizer is the run's own (run/data, or ../data for
     the runs of ``moekit train --compare``)."""
-    own = run_dir / "tokenizer.json"
-    for d in (run_dir / "data", run_dir.parent / "data", run_dir.parent.parent / "data"):
-        complete = all((d / f).is_file() for f in ("val.bin", "val.json", "tokenizer.json"))
-        if complete and (not own.is_file() or own.read_bytes() == (d / "tokenizer.json").read_bytes()):
+    own = run_dir / TOKENIZER_FILE
+    for d in (run_dir / DATA_DIR, run_dir.parent / DATA_DIR, run_dir.parent.parent / DATA_DIR):
+        complete = all((d / f).is_file() for f in ("val.bin", "val.json", TOKENIZER_FILE))
+        if complete and (not own.is_file() or own.read_bytes() == (d / TOKENIZER_FILE).read_bytes()):
             return d
     return None
 
@@ -137,7 +135,8 @@ def held_out_documents(run_dir: str | Path, tokenizer: Any) -> tuple[list[str], 
     from moekit.data import TokenDataset, decode, load_corpus
 
     run_dir = Path(run_dir)
-    tcfg = json.loads((run_dir / "train_config.json").read_text()) if (run_dir / "train_config.json").is_file() else {}
+    tcfg_path = RunDir(run_dir).train_config_path
+    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
     data = tcfg.get("data")
     is_python = _is_python_source(data)
     val_dir = _find_val_dir(run_dir)

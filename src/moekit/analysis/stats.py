@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from moekit.rundir import RunDir
+
 __all__ = [
     "LayerRouting",
     "RunMetrics",
@@ -194,16 +196,9 @@ class RunMetrics:
         return float(self.elapsed_s_S[-1]) if self.elapsed_s_S.size else 0.0
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a killed process
-        by_step[int(rec["step"])] = rec  # a resumed run re-logs steps: the last record wins
+def _read_records(run: RunDir) -> list[dict[str, Any]]:
+    """The run's records by step (RunDir.metrics tolerates a torn last line)."""
+    by_step = {int(rec["step"]): rec for rec in run.metrics()}  # a resumed run re-logs steps: the last wins
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -217,10 +212,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_metrics(run_dir: str | Path) -> RunMetrics:
     """Read ``run_dir/metrics.jsonl`` (+ config.json, train_config.json) into arrays."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl; is {run_dir} a moekit run directory?")
-    recs = _read_records(path)
+    run = RunDir(run_dir)
+    recs = _read_records(run)
 
     def col(key: str, rows: list[dict[str, Any]] = recs) -> np.ndarray:
         return np.array([r.get(key, np.nan) if r.get(key) is not None else np.nan for r in rows], dtype=np.float64)
@@ -247,6 +240,6 @@ def load_metrics(run_dir: str | Path) -> RunMetrics:
         val_loss_V=col("val_loss", vals), val_elapsed_s_V=col("elapsed_s", vals),
         layers=layers,
         collapse_events=[ev for r in recs for ev in r.get("collapse", [])],
-        model_config=_read_json(run_dir / "config.json"),
-        train_config=_read_json(run_dir / "train_config.json"),
+        model_config=_read_json(run.config_path),
+        train_config=_read_json(run.train_config_path),
     )

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     lay = sub.add_parser("layer", help="MoE layer vs the dense FFN of the same active size")
     lay.add_argument("--shape", default="all", choices=["A", "B", "decode", "all"])
-    lay.add_argument("--threads", type=int, default=2)
+    lay.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (default 2)")
     lay.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
     lay.add_argument("--warmup", type=int, default=2)
     lay.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from moekit.bench.layer import SHAPE_GROUPS, SHAPES, bench_shape
+    from moekit.runtime import configure
 
-    torch.set_num_threads(args.threads)
+    run_settings = configure(args.threads)
+    print(f"process settings: {run_settings.describe()} (moekit.runtime)", file=sys.stderr, flush=True)
     dtype = getattr(torch, args.dtype)
     results = []
     for key in SHAPE_GROUPS[args.shape]:
@@ -52,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_shape(s, args.warmup, reps, dtype, not args.no_hf,
                                    lambda m: print(m, file=sys.stderr, flush=True), not args.no_compile))
     print(_table(results))
-    print("x dense = dense-equivalent time / time (higher is better); medians of interleaved repetitions")
+    print("x dense = dense-equivalent time / time (higher is better); medians of interleaved repetitions; "
+          f"{args.dtype}, {run_settings.describe()}")
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
-                "python": platform.python_version(), "dtype": args.dtype}
+                "python": platform.python_version(), "dtype": args.dtype, "settings": run_settings.to_dict()}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
     return 0

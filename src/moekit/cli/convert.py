@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
+from moekit.rundir import TOKENIZER_FILE, CheckpointError, RunDir, atomic_copy
+
 __all__ = ["main"]
 
-# tokenizer and generation files carried over in both directions when present
+# tokenizer and generation files carried over in both directions when present (tokenizer.json: the name
+# is HF's and moekit's alike)
 CARRIED_FILES = (
-    "tokenizer.json",
+    TOKENIZER_FILE,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
@@ -54,7 +56,7 @@ def _carry(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in CARRIED_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+            atomic_copy(src / name, dst / name)
             copied.append(name)
     return copied
 
@@ -63,30 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     from moekit.hf import from_pretrained, is_hf_dir, is_moekit_dir, load_any, save_pretrained
-    from moekit.train.checkpoint import save_weights
+    from moekit.hf.common import CONFIG_FILE as HF_CONFIG
 
     try:
-        if (dst / "config.json").exists() and not args.overwrite:
-            raise ValueError(f"{dst} already holds a config.json; pass --overwrite to replace it")
+        if (dst / HF_CONFIG).exists() and not args.overwrite:
+            raise ValueError(f"{dst} already holds a {HF_CONFIG}; pass --overwrite to replace it")
         if src.resolve() == dst.resolve():
             raise ValueError("SRC and DST are the same directory")
         if is_moekit_dir(src):
             model, _ = load_any(src, args.dtype)
             out = save_pretrained(model, dst, model_type=args.model_type, max_shard_size=args.max_shard_size)
-            kind = json.loads((out / "config.json").read_text())["model_type"]
+            kind = json.loads((out / HF_CONFIG).read_text())["model_type"]
             what = f"moekit run directory -> Hugging Face {kind}"
         elif is_hf_dir(src):
             model = from_pretrained(src, args.dtype)
-            dst.mkdir(parents=True, exist_ok=True)
-            model.config.to_json(dst / "config.json")
-            save_weights(model, dst / "model.safetensors")
-            (dst / "hf_config.json").write_text(json.dumps(model.hf_config, indent=2) + "\n")
+            RunDir(dst).save_model(model)  # config.json, model.safetensors, hf_config.json
             what = f"Hugging Face {model.hf_config['model_type']} -> moekit run directory"
         else:
             raise ValueError(
-                f"{src}: no config.json; expected a moekit run directory or a Hugging Face model directory"
+                f"{src}: no {HF_CONFIG}; expected a moekit run directory or a Hugging Face model directory"
             )
-    except ValueError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"moekit convert: {e}", file=sys.stderr)
         return 1
     carried = _carry(src, dst)

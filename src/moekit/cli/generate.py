@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,8 +47,10 @@ def _load(path: str) -> tuple[Any, Any]:
         from moekit.hf import is_moekit_dir, load_any
     except ImportError:  # moekit.hf is optional: run directories only
         return load_run(path)
-    if not (Path(path) / "config.json").is_file() or (
-            is_moekit_dir(path) and not (Path(path) / "hf_config.json").is_file()):
+    from moekit.rundir import RunDir
+
+    run = RunDir(path)
+    if not run.is_run() or (is_moekit_dir(path) and not run.hf_config_path.is_file()):
         return load_run(path)
     model, tok = load_any(path)
     if tok is None:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from moekit.data import decode, encode
     from moekit.infer.generate import generate
-    from moekit.train.checkpoint import CheckpointError
+    from moekit.rundir import CheckpointError
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

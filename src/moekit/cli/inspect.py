@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     from moekit.analysis.specialization import format_specialization, inspect_run
-    from moekit.train.checkpoint import CheckpointError
+    from moekit.rundir import CONFIG_FILE, CheckpointError, RunDir
 
     run = args.run_dir
-    if not (run / "config.json").is_file():
-        print(f"moekit inspect: {run}: no config.json; expected a run directory written by `moekit train`",
+    if not RunDir(run).is_run():
+        print(f"moekit inspect: {run}: no {CONFIG_FILE}; expected a run directory written by `moekit train`",
               file=sys.stderr)
         return 2
     texts = None

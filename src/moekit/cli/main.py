@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"moekit: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from moekit.cli.runtime import keep_freed_memory
+    from moekit.runtime import configure
 
-    keep_freed_memory()  # large activations are reused instead of re-faulted every step
+    configure()  # large activations are reused instead of re-faulted every step (moekit.runtime)
     module = importlib.import_module(COMMANDS[cmd][0])
     return int(module.main(rest) or 0)
 

@@ -27,14 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
 def expand_run_dirs(paths: list[Path]) -> list[Path]:
     """Run directories (holding metrics.jsonl) for each path: itself, or the runs up to two levels below
     it (``moekit train --compare`` writes DIR/moe and DIR/dense, with seeds DIR/moe/seed0 ...)."""
+    from moekit.rundir import METRICS_FILE
+
     out: list[Path] = []
     for p in paths:
-        if (p / "metrics.jsonl").is_file():
+        if (p / METRICS_FILE).is_file():
             out.append(p)
             continue
-        found = sorted(m.parent for m in list(p.glob("*/metrics.jsonl")) + list(p.glob("*/*/metrics.jsonl")))
+        found = sorted(m.parent for m in list(p.glob(f"*/{METRICS_FILE}")) + list(p.glob(f"*/*/{METRICS_FILE}")))
         if not found:
-            raise FileNotFoundError(f"{p}: no metrics.jsonl in it or in its subfolders; is it a moekit run?")
+            raise FileNotFoundError(f"{p}: no {METRICS_FILE} in it or in its subfolders; is it a moekit run?")
         moe_first = sorted(found, key=lambda d: (0 if "moe" in d.parts[len(p.parts):] else 1, str(d)))
         out.extend(moe_first)
     return out

@@ -1,51 +1,52 @@
-"""`moekit train`: flags come from the TrainConfig fields plus the model's MoE knobs.
+"""`moekit train`: a flag for every field of TrainConfig (``--steps``), ModelConfig (``--model.<field>``),
+MoEConfig (``--moe.<field>``) and ParallelConfig (``--ep``), generated from the fields (moekit.cli.flags);
+the usual model knobs keep short aliases (``--experts`` = ``--moe.num-experts``).
 
 Precedence: built-in defaults < --config FILE < explicit flags. --resume takes the run's own configs;
---init-from PATH takes PATH's model (and tokenizer): only training flags apply then.
+--init-from PATH takes PATH's model (and tokenizer): only training flags, and the model flags of fields
+marked ``training_only`` in moekit.config, apply then.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
-import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moekit.config import ACTIVATIONS, DROP_POLICIES, ROUTERS, MoEConfig
-from moekit.nn.transformer import ModelConfig
-from moekit.train.config import TrainConfig
+from moekit.cli.flags import add_field_flags, field_flags, flag_name
+from moekit.config import ModelConfig, MoEConfig, ParallelConfig, TrainConfig, training_only_fields
+from moekit.rundir import RunDir
+from moekit.cli.launch import launch_torchrun, make_runtime
 
-__all__ = ["build_parser", "default_model_config", "main", "resolve_configs", "resolve_init_configs"]
+__all__ = ["build_parser", "default_model_config", "main", "resolve_configs", "resolve_init_configs",
+           "resolve_parallel"]
 
-# model flag -> (ModelConfig or MoEConfig field, type, help)
-MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "d_model": ("d_model", int, "model width"),
-    "n_layers": ("n_layers", int, "transformer blocks"),
-    "n_heads": ("n_heads", int, "attention heads"),
-    "n_kv_heads": ("n_kv_heads", int, "key/value heads (grouped-query attention)"),
-    "experts": ("moe.num_experts", int, "routed experts per MoE layer"),
-    "top_k": ("moe.top_k", int, "experts per token"),
-    "router": ("moe.router", str, f"one of {ROUTERS}"),
-    "expert_hidden": ("moe.d_hidden", int, "hidden width of each expert"),
-    "activation": ("moe.activation", str, f"one of {ACTIVATIONS}"),
-    "capacity_factor": ("moe.capacity_factor", float, "expert capacity factor (omit for dropless)"),
-    "drop_policy": ("moe.drop_policy", str, f"one of {DROP_POLICIES}"),
-    "aux_loss_coef": ("moe.aux_loss_coef", float, "load-balancing loss weight"),
-    "z_loss_coef": ("moe.z_loss_coef", float, "router z-loss weight"),
-    "importance_loss_coef": ("moe.importance_loss_coef", float, "importance loss weight"),
-    "shared_experts": ("moe.num_shared_experts", int, "shared (always-on) experts"),
-    "moe_every": ("moe_every", int, "every n-th layer is MoE"),
-    "first_dense_layers": ("first_dense_layers", int, "first k layers are dense"),
-    "dense_hidden": ("dense_d_hidden", int, "hidden width of dense MLPs"),
-}
-# model flags that tune training only (loss weights, token dropping): they still apply with --init-from
-TRAINING_MODEL_FLAGS = ("capacity_factor", "drop_policy", "aux_loss_coef", "z_loss_coef", "importance_loss_coef")
+# the short flags kept beside --model.<field> / --moe.<field>: field -> alias
+MODEL_ALIASES = {"d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads",
+                 "n_kv_heads": "n_kv_heads", "moe_every": "moe_every",
+                 "first_dense_layers": "first_dense_layers", "dense_d_hidden": "dense_hidden",
+                 "tie_embeddings": "tie_embeddings"}
+MOE_ALIASES = {"num_experts": "experts", "top_k": "top_k", "router": "router", "d_hidden": "expert_hidden",
+               "activation": "activation", "capacity_factor": "capacity_factor", "drop_policy": "drop_policy",
+               "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef",
+               "importance_loss_coef": "importance_loss_coef", "num_shared_experts": "shared_experts"}
+# fields without a flag of their own
+MODEL_SKIP = ("vocab_size",  # --vocab-size: the tokenizer trained on the data sets it
+              "moe",  # the --moe.<field> flags
+              "mla",  # a nested config: set it in the "model" section of --config
+              "dense")  # --dense trains the dense baseline (moekit.train.compare.dense_baseline)
+MOE_SKIP = ("d_model",)  # always the model's d_model
+# namespace dest -> ModelConfig field ("moe." for MoEConfig's)
+MODEL_DESTS = {**field_flags(ModelConfig, prefix="model", aliases=MODEL_ALIASES, skip=MODEL_SKIP),
+               **{dest: f"moe.{name}" for dest, name in
+                  field_flags(MoEConfig, prefix="moe", aliases=MOE_ALIASES, skip=MOE_SKIP).items()}}
+TRAIN_DESTS = field_flags(TrainConfig)
+PARALLEL_DESTS = field_flags(ParallelConfig)
+# model fields that tune training only (loss weights, token dropping, ...): they still apply with --init-from
+TRAINING_ONLY = training_only_fields(ModelConfig)
 
 
 def default_model_config(vocab_size: int = 4096) -> ModelConfig:
@@ -62,35 +63,32 @@ def default_model_config(vocab_size: int = 4096) -> ModelConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit train", description="Train an MoE language model.",
+                                usage="%(prog)s [--config FILE] [--out DIR] [--resume RUN_DIR] [flags]",
                                 argument_default=argparse.SUPPRESS)
-    p.add_argument("--out", help="run directory (default runs/moe, runs/compare with --compare)")
-    p.add_argument("--config", help="JSON run config: {\"model\": {...}, \"train\": {...}} (flags override)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR up to --steps")
-    p.add_argument("--dense", action="store_true", help="train the dense baseline (same active parameters)")
-    p.add_argument("--compare", action="store_true", help="train MoE and dense with the same data/steps/seed")
-    p.add_argument("--seeds", type=int, help="with --compare: number of seed pairs (default 1)")
-    p.add_argument("--init-from", metavar="PATH", help="start from the model of a moekit run directory or "
-                   "a Hugging Face model directory: its architecture, weights and tokenizer.json")
-    g = p.add_argument_group("training (TrainConfig)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            if f.name in ("threads",):
-                typ = int
-            g.add_argument(flag, type=typ, help=f"default {f.default!r}")
-    m = p.add_argument_group("model")
-    for flag, (_, typ, help_) in MODEL_FLAGS.items():
-        m.add_argument("--" + flag.replace("_", "-"), type=typ, help=help_)
-    m.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction)
-    d = p.add_argument_group("distributed (issue 7): expert parallel x data parallel")
-    d.add_argument("--ep", type=int, help="expert-parallel size: each MoE layer's experts split over this "
-                   "many ranks; the rest of the world is data parallel (default 1)")
-    d.add_argument("--nproc", type=int, help="run on this many local processes (wraps torchrun; CPU: gloo)")
-    d.add_argument("--dist-timeout", type=float, help="seconds a collective waits for a silent rank "
-                   "(default 300)")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", metavar="DIR", help="run directory (default runs/moe; runs/dense with --dense, "
+                   "runs/compare with --compare)")
+    r.add_argument("--config", metavar="FILE", help="JSON run config {\"model\": {...}, \"train\": {...}}: "
+                   "over the defaults, under the flags (default none)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR up to --steps, with its "
+                   "own configs; only training flags apply (default none)")
+    r.add_argument("--dense", action="store_true", help="train the dense baseline: one SwiGLU MLP per layer "
+                   "as wide as the active experts, the same active parameters (default off)")
+    r.add_argument("--compare", action="store_true", help="train MoE and its dense baseline with the same "
+                   "data, steps and seed (default off)")
+    r.add_argument("--seeds", type=int, metavar="N", help="with --compare: seed pairs, from --seed up "
+                   "(default 1)")
+    r.add_argument("--init-from", metavar="PATH", help="start from the model of a moekit run directory or a "
+                   "Hugging Face model directory: its architecture, weights and tokenizer.json; only "
+                   "training-only model flags apply (default none)")
+    add_field_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig())
+    model = default_model_config()
+    add_field_flags(p.add_argument_group("model (ModelConfig, --model.<field>)"), model, prefix="model",
+                    aliases=MODEL_ALIASES, skip=MODEL_SKIP)
+    add_field_flags(p.add_argument_group("MoE layers (MoEConfig, --moe.<field>)"), model.moe, prefix="moe",
+                    aliases=MOE_ALIASES, skip=MOE_SKIP)
+    add_field_flags(p.add_argument_group("expert parallel x data parallel (ParallelConfig)"),
+                    ParallelConfig())
     return p
 
 
@@ -112,9 +110,14 @@ def _file_config(given: dict[str, Any]) -> dict[str, Any]:
 
 def _train_config(given: dict[str, Any], file_cfg: dict[str, Any]) -> TrainConfig:
     train_d = TrainConfig().to_dict() | file_cfg.get("train", {})
-    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_d |= {k: v for k, v in given.items() if k in train_names}
+    train_d |= {TRAIN_DESTS[k]: v for k, v in given.items() if k in TRAIN_DESTS}
     return TrainConfig.from_dict(train_d)
+
+
+def resolve_parallel(ns: argparse.Namespace) -> ParallelConfig:
+    """--ep, --nproc, --dist-timeout (ValueError when out of range)."""
+    given = vars(ns)
+    return ParallelConfig.from_dict({PARALLEL_DESTS[k]: v for k, v in given.items() if k in PARALLEL_DESTS})
 
 
 def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
@@ -128,11 +131,9 @@ def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
             model_d["moe"].update(v)
         else:
             model_d[k] = v
-    for flag, (field, _, _) in MODEL_FLAGS.items():
-        if flag in given:
-            _set(model_d, field, given[flag])
-    if "tie_embeddings" in given:
-        model_d["tie_embeddings"] = given["tie_embeddings"]
+    for dest, field in MODEL_DESTS.items():
+        if dest in given:
+            _set(model_d, field, given[dest])
     model_d["moe"]["d_model"] = model_d["d_model"]
     model_d["vocab_size"] = tcfg.vocab_size
     model_d["max_seq_len"] = max(model_d.get("max_seq_len", 0), tcfg.seq_len)
@@ -141,13 +142,14 @@ def resolve_configs(ns: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 
 
 def resolve_init_configs(ns: argparse.Namespace, init_cfg: ModelConfig) -> tuple[ModelConfig, TrainConfig]:
-    """--init-from PATH: the model is PATH's (``init_cfg``), retuned only by TRAINING_MODEL_FLAGS; training
-    flags and --config's "train" apply as usual. Anything that would change the architecture is refused."""
+    """--init-from PATH: the model is PATH's (``init_cfg``), retuned only by flags of TRAINING_ONLY fields;
+    training flags and --config's "train" apply as usual. Anything that would change the architecture is
+    refused."""
     given = vars(ns)
     where = f"--init-from {given['init_from']}"
     file_cfg = _file_config(given)
-    refused = [f"--{f.replace('_', '-')}" for f in (*MODEL_FLAGS, "tie_embeddings", "dense", "compare", "resume")
-               if f in given and f not in TRAINING_MODEL_FLAGS]
+    refused = [flag_name(d) for d in (*MODEL_DESTS, "dense", "compare", "resume")
+               if d in given and MODEL_DESTS.get(d) not in TRAINING_ONLY]
     if file_cfg.get("model"):
         refused.append(f"the \"model\" section of --config {given['config']}")
     if refused:
@@ -157,99 +159,124 @@ def resolve_init_configs(ns: argparse.Namespace, init_cfg: ModelConfig) -> tuple
     if "vocab_size" in given and given["vocab_size"] != init_cfg.vocab_size:
         raise ValueError(f"{where}: --vocab-size {given['vocab_size']} differs from the model's vocab_size "
                          f"{init_cfg.vocab_size}; the data is encoded with the model's own tokenizer: drop it")
-    if tcfg.seq_len > init_cfg.max_seq_len:
+    tuned = {MODEL_DESTS[d]: given[d] for d in MODEL_DESTS if d in given}  # all TRAINING_ONLY by now
+    moe = {k.removeprefix("moe."): v for k, v in tuned.items() if k.startswith("moe.")}
+    mcfg = init_cfg.replace(**{k: v for k, v in tuned.items() if not k.startswith("moe.")},
+                            moe=init_cfg.moe.replace(**moe))
+    if tcfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"{where}: --seq-len {tcfg.seq_len} exceeds the model's max_seq_len "
-                         f"{init_cfg.max_seq_len}")
-    moe = {MODEL_FLAGS[f][0].removeprefix("moe."): given[f] for f in TRAINING_MODEL_FLAGS if f in given}
-    return init_cfg.replace(moe=init_cfg.moe.replace(**moe)), tcfg.replace(vocab_size=init_cfg.vocab_size)
+                         f"{mcfg.max_seq_len}")
+    return mcfg, tcfg.replace(vocab_size=init_cfg.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    given = vars(ns)
-    if "nproc" in given:  # [issue 7] re-run this very command under torchrun with --nproc processes
-        return _launch_torchrun(list(sys.argv[1:] if argv is None else argv), given["nproc"])
-    from moekit.data import prepare_data
-    from moekit.train.checkpoint import CheckpointError
-    from moekit.train.compare import compare, dense_baseline, format_summary
-    from moekit.train.loop import RoutingCollapsed, TrainingDiverged, train
+    try:
+        pcfg = resolve_parallel(ns)
+    except ValueError as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 2
+    if pcfg.nproc is not None:  # re-run this very command under torchrun with --nproc processes
+        return launch_torchrun(list(sys.argv[1:] if argv is None else argv), pcfg.nproc)
+    from moekit.rundir import CheckpointError
+    from moekit.train.loop import RoutingCollapsed, TrainingDiverged
 
     try:
-        init = None
+        given = vars(ns)
         if "resume" in given and "init_from" not in given:
-            run = Path(given["resume"])
-            if not (run / "config.json").is_file():
-                print(f"moekit train: --resume {run}: no config.json there; not a moekit run directory",
-                      file=sys.stderr)
-                return 2
-            mcfg = ModelConfig.from_json(run / "config.json")
-            tcfg = TrainConfig.from_json(run / "train_config.json")
-            overrides = {k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-            tcfg = tcfg.replace(**overrides)
-        elif "init_from" in given:
-            from moekit.train.init import load_init
-
-            init = load_init(given["init_from"])
-            mcfg, tcfg = resolve_init_configs(ns, init.config)
-        else:
-            mcfg, tcfg = resolve_configs(ns)
-        torch.set_num_threads(tcfg.threads or torch.get_num_threads())
-        # [issue 7] expert/data parallel under torchrun, or a DCP run resumed on one process; None = plain run
-        dctx = _distributed_context(given, Path(given["resume"] if "resume" in given else
-                                                given.get("out", "runs/moe")))
-        if "resume" in given:
-            from moekit.train.init import INIT_FILE
-
-            # a run started with --init-from encodes with its model's tokenizer, kept as the run's own
-            tok_path = run / "tokenizer.json" if (run / INIT_FILE).is_file() else None
-            data = _rank0_first(dctx, lambda: prepare_data(run / "data", tcfg.data, tcfg.vocab_size,
-                                                           tcfg.max_data_bytes, tokenizer_path=tok_path))
-            res = train(mcfg, tcfg, _rank_dir(run, dctx), data, resume=True, label=run.name, dist=dctx)
-            _report(res)
-            return 130 if res.interrupted else 0
-        default_out = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
-        out = Path(given.get("out", default_out))
-        if init is not None and out.resolve() == init.path.resolve():
-            raise ValueError(f"--out {out} is the --init-from directory; write the new run elsewhere")
-        data_dir = out / "data"
-        tok_path = init.tokenizer_path if init is not None else None
-        data = _rank0_first(dctx, lambda: prepare_data(data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes,
-                                                       tokenizer_path=tok_path))  # [issue 7]
-        if init is None and data.vocab_size != mcfg.vocab_size:
-            mcfg = mcfg.replace(vocab_size=data.vocab_size)
-        print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
-              f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
-        if "compare" in given:
-            summary = compare(mcfg, tcfg, out, data, seeds=given.get("seeds", 1))
-            if summary.get("interrupted"):
-                return 130
-            print(format_summary(summary))
-            print(f"summary: {out / 'summary.json'}")
-            _maybe_report(out, summary)
-            return 0
-        if "dense" in given:
-            mcfg = dense_baseline(mcfg)
-        init_state = None
-        if init is not None:
-            sep = "none" if init.separator is None else f"id {init.separator}"
-            print(f"init: {init.source} {init.path} | vocab {mcfg.vocab_size} | document separator {sep}",
-                  file=sys.stderr)
-            if dctx is None or dctx.is_main:
-                init.write_run_files(out)
-            init_state = init.state
-        res = train(mcfg, tcfg, _rank_dir(out, dctx), data, init_state=init_state, label=out.name, dist=dctx)
-        _report(res)
-        return 130 if res.interrupted else 0
+            return _resume(given, pcfg)
+        return _new_run(ns, pcfg)
     except (TrainingDiverged, RoutingCollapsed, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # [issue 7] a collective failed: a rank died, hung, or disagrees
-        from moekit.parallel import CollectiveError
+    except RuntimeError as e:  # a collective failed: a rank died, hung, or disagrees
+        from moekit.parallel import CollectiveError  # imported only then: it loads torch.distributed
 
         if not isinstance(e, CollectiveError):
             raise
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
+
+
+def _resume(given: dict[str, Any], pcfg: ParallelConfig) -> int:
+    """--resume RUN: the run's own configs, with this invocation's training overrides."""
+    from moekit.data import prepare_data
+    from moekit.rundir import CONFIG_FILE
+    from moekit.train.loop import train
+
+    run = RunDir(given["resume"])
+    if not run.is_run():
+        print(f"moekit train: --resume {run.path}: no {CONFIG_FILE} there; not a moekit run directory",
+              file=sys.stderr)
+        return 2
+    mcfg = run.config()
+    tcfg = run.train_config().replace(**{TRAIN_DESTS[k]: v for k, v in given.items() if k in TRAIN_DESTS})
+    torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+    rt = make_runtime(pcfg, run.path, resume=True, compare=False)
+    # a run started with --init-from encodes with its model's tokenizer, kept as the run's own
+    tok_path = run.tokenizer_path if run.init_path.is_file() else None
+    data = rt.rank0_first(lambda: prepare_data(run.data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes,
+                                               tokenizer_path=tok_path))
+    res = train(mcfg, tcfg, rt.own_dir(run.path), data, resume=True, label=run.path.name, runtime=rt)
+    _report(res)
+    return 130 if res.interrupted else 0
+
+
+def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
+    """A new run (or --compare pair) from defaults, --config, flags, or --init-from PATH's model."""
+    from moekit.data import prepare_data
+    from moekit.train.compare import dense_baseline
+    from moekit.train.loop import train
+
+    given = vars(ns)
+    init = None
+    if "init_from" in given:
+        from moekit.train.init import load_init
+
+        init = load_init(given["init_from"])
+        mcfg, tcfg = resolve_init_configs(ns, init.config)
+    else:
+        mcfg, tcfg = resolve_configs(ns)
+    torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+    default_out = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
+    out = Path(given.get("out", default_out))
+    rt = make_runtime(pcfg, out, resume=False, compare="compare" in given)
+    if init is not None and out.resolve() == init.path.resolve():
+        raise ValueError(f"--out {out} is the --init-from directory; write the new run elsewhere")
+    tok_path = init.tokenizer_path if init is not None else None
+    data = rt.rank0_first(lambda: prepare_data(RunDir(out).data_dir, tcfg.data, tcfg.vocab_size,
+                                               tcfg.max_data_bytes, tokenizer_path=tok_path))
+    if init is None and data.vocab_size != mcfg.vocab_size:
+        mcfg = mcfg.replace(vocab_size=data.vocab_size)
+    print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
+          f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
+    if "compare" in given:
+        return _compare(mcfg, tcfg, out, data, given.get("seeds", 1))
+    if "dense" in given:
+        mcfg = dense_baseline(mcfg)
+    init_state = None
+    if init is not None:
+        sep = "none" if init.separator is None else f"id {init.separator}"
+        print(f"init: {init.source} {init.path} | vocab {mcfg.vocab_size} | document separator {sep}",
+              file=sys.stderr)
+        if rt.is_main:
+            init.write_run_files(out)
+        init_state = init.state
+    res = train(mcfg, tcfg, rt.own_dir(out), data, init_state=init_state, label=out.name, runtime=rt)
+    _report(res)
+    return 130 if res.interrupted else 0
+
+
+def _compare(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, data: Any, seeds: int) -> int:
+    from moekit.train.compare import compare, format_summary
+
+    summary = compare(mcfg, tcfg, out, data, seeds=seeds)
+    if summary.get("interrupted"):
+        return 130
+    print(format_summary(summary))
+    print(f"summary: {out / 'summary.json'}")
+    _maybe_report(out, summary)
+    return 0
 
 
 def _report(res) -> None:
@@ -268,75 +295,3 @@ def _maybe_report(out: Path, summary: dict) -> None:
     runs = [Path(r["run_dir"]) for r in summary["moe"]["per_seed"][:1] + summary["dense"]["per_seed"][:1]]
     path = write_report(runs, out / "report")
     print(f"report: {path}")
-
-
-# -- issue 7: expert parallel x data parallel ------------------------------------------------------------
-
-
-def _launch_torchrun(argv: list[str], nproc: int) -> int:
-    """``moekit train --nproc N ARGS`` = ``torchrun --standalone --nproc-per-node N -m moekit train ARGS``."""
-    if nproc < 1:
-        print(f"moekit train: error: --nproc={nproc} must be >= 1", file=sys.stderr)
-        return 2
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "moekit", "train", *rest]
-    print("moekit train: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
-
-
-def _distributed_context(given: dict[str, Any], run_dir: Path):
-    """A DistributedContext when started by torchrun (WORLD_SIZE in the environment), or when resuming a
-    DCP run on one process; None for a plain single-process run."""
-    ep = given.get("ep", 1)
-    if "WORLD_SIZE" not in os.environ:
-        if ep != 1:
-            raise ValueError(f"--ep {ep} needs a multiple of {ep} processes: add --nproc N or use torchrun")
-        if "resume" in given and (run_dir / "dcp").is_dir():  # "dcp" = moekit.train.distributed.DCP_DIR
-            # imported only here: torch.distributed.checkpoint costs seconds of start-up on a plain run
-            from moekit.train.distributed import DistributedContext
-
-            return DistributedContext(None, run_dir)  # a distributed run, resumed on one process
-        return None
-    from moekit.train.distributed import DistributedContext
-    if "compare" in given:
-        raise ValueError("--compare trains single-process runs; drop --nproc/--ep (or torchrun)")
-    from moekit.parallel import build_groups, init_distributed, pick_backend
-    from moekit.parallel.groups import destroy
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    init_distributed(pick_backend(cuda), rank, world, given.get("dist_timeout", 300.0))
-    atexit.register(destroy)
-    groups = build_groups(ep)
-    if rank != 0:  # rank 0 reports; the others keep stderr for their own errors
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    return DistributedContext(groups, run_dir)
-
-
-def _rank_dir(run_dir: Path, dctx) -> Path:
-    """Rank 0 writes the run directory; rank r > 0 its own metrics and logs under ranks/rank<r>."""
-    return run_dir if dctx is None or dctx.is_main else run_dir / "ranks" / f"rank{dctx.rank}"
-
-
-def _rank0_first(dctx, fn):
-    """Rank 0 builds (e.g. the token files), then the other ranks reuse what it built."""
-    if dctx is None or dctx.groups is None:
-        return fn()
-    from moekit.parallel.groups import barrier
-
-    if dctx.is_main:
-        result = fn()
-        barrier("waiting for rank 0 to prepare the data")
-        return result
-    barrier("waiting for rank 0 to prepare the data")
-    return fn()

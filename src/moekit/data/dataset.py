@@ -13,18 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from moekit.data.corpus import load_corpus, source_id
+from moekit.data.corpus import Corpus, load_corpus, source_id
 from moekit.data.tokenizer import (
     EOT,
     TOKENIZER_FILE,
@@ -34,6 +33,7 @@ from moekit.data.tokenizer import (
     train_tokenizer,
     vocab_extent,
 )
+from moekit.rundir import atomic_copy, atomic_write, atomic_write_json
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -54,12 +54,6 @@ _ENCODE_BATCH_BYTES = 1 << 20  # text per encode_batch call: bounds memory, keep
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id (at most vocab_size - 1) fits in 16 bits, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _text_batches(texts: Iterable[str], max_bytes: int) -> Iterator[list[str]]:
@@ -98,9 +92,10 @@ def write_tokens(
     vocab_size = max(vocab_extent(tok), 0 if sep is None else sep + 1)
     dtype = token_dtype(vocab_size)
     eot_N = np.array([0 if sep is None else sep], dtype=dtype)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    try:
+
+    def write(tmp: Path) -> None:
+        nonlocal n
         with tmp.open("wb") as f:
             for batch in _text_batches(texts, _ENCODE_BATCH_BYTES):
                 parts: list[np.ndarray] = []
@@ -111,11 +106,10 @@ def write_tokens(
                 ids_N = np.concatenate(parts)
                 ids_N.tofile(f)
                 n += ids_N.size
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
     meta = {"dtype": dtype.name, "length": n, "vocab_size": vocab_size, "eot_id": sep}
-    _atomic_write_json(path.with_suffix(".json"), meta)
+    atomic_write_json(path.with_suffix(".json"), meta, sort_keys=True)
     return n
 
 
@@ -250,6 +244,48 @@ def _load_reusable(out_dir: Path, request: dict[str, Any]) -> DataInfo | None:
     return result
 
 
+class _ModelTokenizer(NamedTuple):
+    """A model's own ``tokenizer.json``, opened to encode with instead of training one."""
+
+    path: Path
+    tok: Tokenizer
+    separator: int | None  # document_separator's choice; None: documents are joined without one
+    sha256: str  # of the file's contents, which key the reuse
+
+
+def _open_model_tokenizer(tokenizer_path: str | os.PathLike[str]) -> _ModelTokenizer:
+    src = Path(tokenizer_path)
+    src = src / TOKENIZER_FILE if src.is_dir() else src
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer file {str(src)!r} does not exist")
+    tok = Tokenizer.from_file(str(src))
+    tok.encode_special_tokens = True  # as moekit's own: a document's text never yields a special token
+    sep = document_separator(tok, src.parent)
+    return _ModelTokenizer(src, tok, sep, hashlib.sha256(src.read_bytes()).hexdigest())
+
+
+def _tokenizer_for(
+    corpus: Corpus, out: Path, vocab_size: int, model: _ModelTokenizer | None
+) -> tuple[Tokenizer, int | None, Path]:
+    """(tokenizer, document separator, its file in out): trained on the train split, or the model's own."""
+    tok_path = out / TOKENIZER_FILE
+    if model is None:
+        tok = train_tokenizer(corpus.iter_texts("train"), vocab_size, length=len(corpus.train))
+        tok_path = save_tokenizer(tok, tok_path)
+        return tok, eot_id(tok), tok_path
+    if not (tok_path.exists() and tok_path.resolve() == model.path.resolve()):
+        atomic_copy(model.path, tok_path)
+    return model.tok, model.separator, tok_path
+
+
+def _save_meta(out: Path, request: dict[str, Any], info: DataInfo) -> None:
+    """Write ``meta.json`` (what ``_load_reusable`` reads), its paths relative to out."""
+    stored = {k: v for k, v in asdict(info).items() if k not in ("out_dir", "reused")}
+    for field in _PATH_FIELDS:
+        stored[field] = getattr(info, field).name
+    atomic_write_json(out / META_FILE, {"request": request, "info": stored}, sort_keys=True)
+
+
 def prepare_data(
     out_dir: str | os.PathLike[str],
     data: str | os.PathLike[str] | None = None,
@@ -275,19 +311,11 @@ def prepare_data(
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    tok = sep = None
     request = {"format": _FORMAT, "source": source_id(data), "vocab_size": vocab_size,
                "max_bytes": max_bytes, "max_files": max_files, "val_fraction": val_fraction, "seed": seed}
-    if tokenizer_path is not None:
-        src = Path(tokenizer_path)
-        src = src / TOKENIZER_FILE if src.is_dir() else src
-        if not src.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(src)!r} does not exist")
-        tok = Tokenizer.from_file(str(src))
-        tok.encode_special_tokens = True  # as moekit's own: a document's text never yields a special token
-        sep = document_separator(tok, src.parent)
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()
-        request |= {"vocab_size": None, "tokenizer": {"sha256": digest, "separator": sep}}
+    model = None if tokenizer_path is None else _open_model_tokenizer(tokenizer_path)
+    if model is not None:
+        request |= {"vocab_size": None, "tokenizer": {"sha256": model.sha256, "separator": model.separator}}
     if not force and (reused := _load_reusable(out, request)) is not None:
         return reused
     out.mkdir(parents=True, exist_ok=True)
@@ -296,16 +324,7 @@ def prepare_data(
     # 1. scan the corpus (document references only) and train the tokenizer on the train split (or copy
     #    the model's own, byte for byte)
     corpus = load_corpus(data, val_fraction, max_bytes, max_files, seed)
-    if tok is None:
-        tok = train_tokenizer(corpus.iter_texts("train"), vocab_size, length=len(corpus.train))
-        tok_path = save_tokenizer(tok, out / TOKENIZER_FILE)
-        sep = eot_id(tok)
-    else:
-        tok_path = out / TOKENIZER_FILE
-        if not (tok_path.exists() and tok_path.resolve() == src.resolve()):
-            tmp = tok_path.with_name(f".{tok_path.name}.tmp-{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, tok_path)
+    tok, sep, tok_path = _tokenizer_for(corpus, out, vocab_size, model)
     # 2. stream both splits into token files
     paths = {split: out / f"{split}.bin" for split in ("train", "val")}
     separate = corpus.separate_documents and sep is not None
@@ -322,8 +341,5 @@ def prepare_data(
         train_bytes=corpus.num_bytes("train"), val_bytes=corpus.num_bytes("val"),
         unigram_entropy=entropy, build_seconds=time.perf_counter() - t0,
     )
-    stored = {k: v for k, v in asdict(info).items() if k not in ("out_dir", "reused")}
-    for field in _PATH_FIELDS:
-        stored[field] = getattr(info, field).name
-    _atomic_write_json(out / META_FILE, {"request": request, "info": stored})
+    _save_meta(out, request, info)
     return info

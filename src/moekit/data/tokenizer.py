@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moekit.rundir import CONFIG_FILE, HF_CONFIG_FILE, TOKENIZER_FILE, atomic_write
+
 __all__ = [
     "CODE_KINDS",
     "EOT",
@@ -37,7 +39,6 @@ __all__ = [
 ]
 
 EOT = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOT
 
 
@@ -82,10 +83,7 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(tok.to_str(), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, tok.to_str())
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
@@ -143,7 +141,7 @@ def document_separator(tok: Tokenizer, model_dir: str | os.PathLike[str] | None 
         eos = eos.get("content")
     if isinstance(eos, str) and (i := tok.token_to_id(eos)) is not None:
         return i
-    for name in ("config.json", "hf_config.json"):
+    for name in (CONFIG_FILE, HF_CONFIG_FILE):
         v = _json_or_empty(d / name).get("eos_token_id")
         v = v[0] if isinstance(v, list) and v else v
         if isinstance(v, int) and not isinstance(v, bool) and v >= 0:

@@ -2,3 +2,4 @@
 from moekit.functional.dispatch import *  # noqa: F401,F403
 from moekit.functional.losses import *  # noqa: F401,F403
 from moekit.functional.routing import *  # noqa: F401,F403
+from moekit.functional.stats import *  # noqa: F401,F403

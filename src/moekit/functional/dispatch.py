@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.functional.routing import expert_counts
+
 __all__ = ["Dispatch", "sort_by_expert", "activation_fn", "expert_ffn", "loop_experts_reference"]
 
 
@@ -24,10 +26,14 @@ class Dispatch:
 
 
 def sort_by_expert(token_A: Tensor, expert_A: Tensor, weight_A: Tensor, num_experts: int) -> Dispatch:
-    """1. one stable sort by expert id; 2. per-expert counts (the one host sync of the layer)."""
+    """1. one stable sort by expert id; 2. per-expert counts (the one host sync of the layer).
+
+    An assignment with expert id E (dropped by the capacity limit) sorts last and is left out."""
     order_A = expert_A.argsort(stable=True)
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
-    return Dispatch(token_A[order_A], weight_A[order_A], counts_E.tolist(), counts_E)
+    counts_E = expert_counts(expert_A, num_experts)
+    counts = counts_E.tolist()
+    kept_A = order_A[:sum(counts)]
+    return Dispatch(token_A[kept_A], weight_A[kept_A], counts, counts_E)
 
 
 def activation_fn(name: str):

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.config import ModelConfig
 from moekit.hf.common import ShardReader
-from moekit.nn.transformer import ModelConfig
 
 __all__ = ["Adapter", "ExpertNames", "hf_name", "load_state", "save_entries"]
 
@@ -111,12 +111,142 @@ def _expert_keys(ex: ExpertNames, layer: str, moe: str, which: str, E: int) -> l
 
 
 # ---------------------------------------------------------------------------------------- loading
+# A source says how one moekit tensor is read: ("plain", HF name), through the adapter's transform if it
+# has one; ("stack", [HF name per expert]); or ("fused" | "fused_gate" | "fused_up", HF name) for a fused
+# expert tensor, read whole or as its gate / up half, one expert at a time.
+Source = tuple[str, Any]
+
+
 def _moe_prefix(adapter: Adapter, reader: ShardReader) -> str:
     prefixes = (adapter.experts.prefix, *adapter.experts.alt_prefixes)
     for p in prefixes:
         if any(f".{p}experts." in k or f".{p}gate." in k for k in reader):
             return p
     return adapter.experts.prefix
+
+
+class _Plan:
+    """The source of every moekit tensor, and what the checkpoint lacks, gathered before reading anything."""
+
+    def __init__(self, reader: ShardReader) -> None:
+        self.reader = reader
+        self.sources: dict[str, Source] = {}
+        self.missing: list[str] = []
+        self.wrong: list[str] = []  # "name: checkpoint shape, expected shape"
+        self.used: set[str] = set()  # HF names some moekit tensor reads (or deliberately skips)
+
+    def need(self, key: str, shape: tuple[int, ...] | None) -> None:
+        """Record that ``key`` is read; note it missing, or misshapen when ``shape`` is given."""
+        self.used.add(key)
+        if key not in self.reader:
+            self.missing.append(key)
+        elif shape is not None and self.reader.shape(key) != tuple(shape):
+            self.wrong.append(f"{key}: checkpoint {self.reader.shape(key)}, expected {tuple(shape)}")
+
+
+def _expert_source(
+    plan: _Plan, adapter: Adapter, moe: str, layer_index: str, which: str, shape: tuple[int, ...]
+) -> Source:
+    """Source of a layer's stacked ``which`` experts: the fused HF tensor if stored, else one per expert."""
+    layer = f"model.layers.{layer_index}."
+    E, *rest = shape  # (E, H, D) for w_gate / w_up, (E, D, H) for w_down
+    fused_gu, fused_d = f"{layer}{moe}experts.gate_up_proj", f"{layer}{moe}experts.down_proj"
+    if which == "w_down" and fused_d in plan.reader:
+        plan.need(fused_d, shape)
+        return ("fused", fused_d)
+    if which != "w_down" and fused_gu in plan.reader:
+        plan.need(fused_gu, (E, 2 * rest[0], rest[1]))
+        return ("fused_gate" if which == "w_gate" else "fused_up", fused_gu)
+    keys = _expert_keys(adapter.experts, layer, moe, which, E)
+    for k in keys:
+        plan.need(k, tuple(rest))
+    return ("stack", keys)
+
+
+def _plan_sources(
+    adapter: Adapter, cfg: ModelConfig, reader: ShardReader, meta_state: dict[str, Tensor], moe: str
+) -> _Plan:
+    """Name every HF tensor each moekit tensor needs, noting the missing and misshapen ones."""
+    plan = _Plan(reader)
+    for name, t in meta_state.items():
+        m = _EXPERT_KEY.fullmatch(name)
+        if m:
+            plan.sources[name] = _expert_source(plan, adapter, moe, m.group(1), m.group(2), tuple(t.shape))
+            continue
+        key = hf_name(adapter, name, moe)
+        tf = adapter.transform(_suffix(name), 0)
+        plan.need(key, None if tf else t.shape)  # a transform may change the shape: checked after it
+        plan.sources[name] = ("plain", key)
+    if cfg.tie_embeddings:
+        plan.used.add(GLOBAL_NAMES["lm_head.weight"])  # tied: a stored copy of the head is not used
+    return plan
+
+
+def _unexpected(adapter: Adapter, cfg: ModelConfig, reader: ShardReader, used: set[str]) -> list[str]:
+    """Checkpoint tensors, sorted, that no moekit tensor reads and no ignore rule of the adapter covers."""
+    ignored = [re.compile(p) for p in ALWAYS_IGNORED + adapter.ignore]
+
+    def is_ignored(k: str) -> bool:
+        m = re.match(r"model\.layers\.(\d+)\.", k)
+        if adapter.ignore_extra_layers and m and int(m.group(1)) >= cfg.n_layers:
+            return True
+        return any(p.fullmatch(k) for p in ignored)
+
+    return sorted(k for k in reader if k not in used and not is_ignored(k))
+
+
+def _first_six(keys: list[str]) -> str:
+    return f"{keys[:6]}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+
+def _check_plan(adapter: Adapter, reader: ShardReader, plan: _Plan, unexpected: list[str]) -> None:
+    """Raise one ValueError naming the missing, misshapen and unknown tensors all at once."""
+    parts = []
+    if plan.missing:
+        parts.append(f"missing tensors {_first_six(plan.missing)}")
+    if plan.wrong:
+        parts.append(f"tensors of the wrong shape {plan.wrong[:6]}")
+    if unexpected:
+        parts.append(
+            f"tensors moekit does not know {_first_six(unexpected)} (a feature moekit does not implement?)"
+        )
+    if parts:
+        raise ValueError(
+            f"{reader.path} ({adapter.model_type}) does not match its config.json: " + "; ".join(parts)
+        )
+
+
+def _empty_for(adapter: Adapter, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Storage for meta tensor ``t``: floats in ``dtype`` (fp32 where the adapter says), others as is."""
+    if not t.is_floating_point():
+        return torch.empty(t.shape, dtype=t.dtype)
+    return torch.empty(t.shape, dtype=torch.float32 if _suffix(name) in adapter.keep_fp32 else dtype)
+
+
+def _read_into(
+    dst: Tensor, name: str, source: Source, adapter: Adapter, cfg: ModelConfig, hf_cfg: dict[str, Any],
+    reader: ShardReader,
+) -> None:
+    """Copy moekit tensor ``name`` from its source into ``dst``, one HF tensor or expert slice at a time."""
+    kind, src = source
+    if kind == "plain":
+        x = reader.get(src)
+        tf = adapter.transform(_suffix(name), 0)
+        if tf is not None:
+            x = tf(x, cfg, hf_cfg)
+            if tuple(x.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"{src}: checkpoint {reader.shape(src)} does not fit moekit {tuple(dst.shape)}"
+                )
+        dst.copy_(x)
+    elif kind == "stack":
+        for e, k in enumerate(src):
+            dst[e].copy_(reader.get(k))
+    else:  # fused, read one expert at a time
+        H = dst.shape[1]
+        for e in range(dst.shape[0]):
+            x = reader.get(src, index=e)
+            dst[e].copy_(x if kind == "fused" else x[:H] if kind == "fused_gate" else x[H:])
 
 
 def load_state(
@@ -127,102 +257,16 @@ def load_state(
     meta_state: dict[str, Tensor],
     dtype: torch.dtype,
 ) -> dict[str, Tensor]:
-    """Read every tensor of ``meta_state`` (a meta-device state dict) from ``reader``, in ``dtype``.
-
-    1. plan: name every HF tensor each moekit tensor needs; report all missing, misshapen and unknown
-       tensors at once, before reading anything
-    2. read one tensor (or one expert's slice) at a time into its final, preallocated storage
-    """
-    moe = _moe_prefix(adapter, reader)
-    plan: dict[str, tuple[str, Any]] = {}
-    missing, wrong, used = [], [], set()
-
-    def need(key: str, shape: tuple[int, ...] | None) -> None:
-        used.add(key)
-        if key not in reader:
-            missing.append(key)
-        elif shape is not None and reader.shape(key) != tuple(shape):
-            wrong.append(f"{key}: checkpoint {reader.shape(key)}, expected {tuple(shape)}")
-
-    for name, t in meta_state.items():
-        m = _EXPERT_KEY.fullmatch(name)
-        if m:
-            layer, which = f"model.layers.{m.group(1)}.", m.group(2)
-            E, *rest = t.shape
-            fused_gu, fused_d = f"{layer}{moe}experts.gate_up_proj", f"{layer}{moe}experts.down_proj"
-            if which == "w_down" and fused_d in reader:
-                need(fused_d, t.shape)
-                plan[name] = ("fused", fused_d)
-            elif which != "w_down" and fused_gu in reader:
-                need(fused_gu, (E, 2 * rest[0], rest[1]))
-                plan[name] = ("fused_gate" if which == "w_gate" else "fused_up", fused_gu)
-            else:
-                keys = _expert_keys(adapter.experts, layer, moe, which, E)
-                for k in keys:
-                    need(k, tuple(rest))
-                plan[name] = ("stack", keys)
-            continue
-        key = hf_name(adapter, name, moe)
-        tf = adapter.transform(_suffix(name), 0)
-        need(key, None if tf else t.shape)
-        plan[name] = ("plain", key)
-    if cfg.tie_embeddings:
-        used.add(GLOBAL_NAMES["lm_head.weight"])  # tied: a stored copy of the head is not used
-    n_layers = cfg.n_layers
-    ignored = [re.compile(p) for p in ALWAYS_IGNORED + adapter.ignore]
-
-    def is_ignored(k: str) -> bool:
-        m = re.match(r"model\.layers\.(\d+)\.", k)
-        if adapter.ignore_extra_layers and m and int(m.group(1)) >= n_layers:
-            return True
-        return any(p.fullmatch(k) for p in ignored)
-
-    unexpected = sorted(k for k in reader if k not in used and not is_ignored(k))
-    if missing or wrong or unexpected:
-        parts = []
-        if missing:
-            parts.append(
-                f"missing tensors {missing[:6]}"
-                + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
-            )
-        if wrong:
-            parts.append(f"tensors of the wrong shape {wrong[:6]}")
-        if unexpected:
-            parts.append(
-                f"tensors moekit does not know {unexpected[:6]}"
-                + (f" (+{len(unexpected) - 6} more)" if len(unexpected) > 6 else "")
-                + " (a feature moekit does not implement?)"
-            )
-        raise ValueError(
-            f"{reader.path} ({adapter.model_type}) does not match its config.json: " + "; ".join(parts)
-        )
-
+    """Read every tensor of ``meta_state`` (a meta-device state dict) from ``reader``, in ``dtype``."""
+    # 1. plan: name every HF tensor each moekit tensor needs; report all missing, misshapen and unknown
+    #    tensors at once, before reading anything
+    plan = _plan_sources(adapter, cfg, reader, meta_state, _moe_prefix(adapter, reader))
+    _check_plan(adapter, reader, plan, _unexpected(adapter, cfg, reader, plan.used))
+    # 2. read one tensor (or one expert's slice) at a time into its final, preallocated storage
     state: dict[str, Tensor] = {}
     for name, t in meta_state.items():
-        kind, src = plan[name]
-        keep32 = _suffix(name) in adapter.keep_fp32 and t.is_floating_point()
-        dst = torch.empty(
-            t.shape, dtype=torch.float32 if keep32 else dtype if t.is_floating_point() else t.dtype
-        )
-        if kind == "plain":
-            x = reader.get(src)
-            tf = adapter.transform(_suffix(name), 0)
-            if tf is not None:
-                x = tf(x, cfg, hf_cfg)
-                if tuple(x.shape) != tuple(t.shape):
-                    raise ValueError(
-                        f"{src}: checkpoint {reader.shape(src)} does not fit moekit {tuple(t.shape)}"
-                    )
-            dst.copy_(x)
-        elif kind == "stack":
-            for e, k in enumerate(src):
-                dst[e].copy_(reader.get(k))
-        else:  # fused, read one expert at a time
-            H = t.shape[1]
-            for e in range(t.shape[0]):
-                x = reader.get(src, index=e)
-                dst[e].copy_(x if kind == "fused" else x[:H] if kind == "fused_gate" else x[H:])
-        state[name] = dst
+        state[name] = dst = _empty_for(adapter, name, t, dtype)
+        _read_into(dst, name, plan.sources[name], adapter, cfg, hf_cfg, reader)
     reader.close()
     return state
 

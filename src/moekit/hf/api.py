@@ -8,17 +8,17 @@ weights. ``save_pretrained(model, path)`` writes config.json and safetensors sha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from moekit.config import ModelConfig
 from moekit.hf import arch_deepseek, arch_ernie, arch_mixtral, arch_olmoe, arch_qwen
 from moekit.hf.adapter import Adapter, load_state, save_entries
 from moekit.hf.common import CONFIG_FILE, ShardReader, parse_dtype, read_json, write_shards
-from moekit.nn.transformer import ModelConfig, MoETransformer
+from moekit.nn.transformer import MoETransformer
+from moekit.rundir import RunDir, atomic_write_json, materialise
 
 __all__ = [
     "ADAPTERS",
@@ -60,7 +60,7 @@ def _adapter(model_type: Any, where: str) -> Adapter:
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """moekit's ModelConfig for an HF config.json dict; ValueError names anything moekit cannot run exactly."""
-    return _adapter(hf_config.get("model_type"), "config.json").to_moekit(hf_config)
+    return _adapter(hf_config.get("model_type"), CONFIG_FILE).to_moekit(hf_config)
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -88,30 +88,6 @@ def is_moekit_dir(path: str | Path) -> bool:
     return p.is_file() and read_json(p).get("model_type", "moekit") == "moekit"
 
 
-class _SkipInit(TorchFunctionMode):
-    """Turns the in-place initialisers into no-ops while the meta model is built: every tensor is then
-    overwritten from the checkpoint, and running them on meta tensors would import torch's Python
-    decompositions (~70 MB resident, as much as a small model)."""
-
-    INIT = frozenset(
-        {"normal_", "uniform_", "zero_", "fill_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_"}
-    )
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.INIT:
-            return next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor))
-        return func(*args, **(kwargs or {}))
-
-
-def _materialise(cfg: ModelConfig, fill) -> MoETransformer:
-    """Build the model on the meta device, then give every tensor its real storage from ``fill``."""
-    with torch.device("meta"), _SkipInit():
-        model = MoETransformer(cfg)
-    state = fill(model.state_dict())
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransformer:
     """Load an HF checkpoint directory (config.json + model.safetensors or an index and its shards).
 
@@ -129,7 +105,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     with ShardReader(path) as reader:
         embed = "model.embed_tokens.weight"
         target = want or (reader.dtype(embed) if embed in reader else torch.float32)
-        model = _materialise(cfg, lambda meta: load_state(adapter, cfg, hf, reader, meta, target))
+        model = materialise(cfg, lambda meta: load_state(adapter, cfg, hf, reader, meta, target))
     model.hf_config = hf
     return model
 
@@ -158,37 +134,10 @@ def save_pretrained(
     )
     hf["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path / CONFIG_FILE, hf, sort_keys=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     write_shards(save_entries(ADAPTERS[model_type], model.config, hf, state), path, max_shard_size)
     return path
-
-
-def _load_moekit_dir(path: Path, dtype: torch.dtype | None) -> MoETransformer:
-    cfg = ModelConfig.from_json(path / CONFIG_FILE)
-
-    def fill(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with ShardReader(path) as reader:
-            missing = sorted(set(meta) - set(reader))
-            unexpected = sorted(set(reader) - set(meta))
-            wrong = [
-                f"{k}: file {reader.shape(k)}, model {tuple(t.shape)}"
-                for k, t in meta.items()
-                if k in reader and reader.shape(k) != tuple(t.shape)
-            ]
-            if missing or unexpected or wrong:
-                raise ValueError(
-                    f"{path}: model.safetensors does not match config.json: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-                )
-            state = {}
-            for k in meta:
-                x = reader.get(k)
-                keep = dtype is None or not x.is_floating_point() or k.endswith("expert_bias")
-                state[k] = x if keep else x.to(dtype)
-            return state
-
-    return _materialise(cfg, fill)
 
 
 def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
@@ -196,8 +145,9 @@ def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
 
     The tokenizer is a ``tokenizers.Tokenizer`` read from ``tokenizer.json`` when the directory has one
     (for a moekit run directory configured as moekit.data.tokenizer does: special tokens are never
-    produced from text). A moekit run directory's ``hf_config.json`` (written by ``moekit convert``)
-    becomes ``model.hf_config``.
+    produced from text). A moekit run directory's model is ``moekit.rundir.RunDir.load_model(dtype)``: checked
+    against its manifest (CheckpointError names a damaged or mismatching file), its ``hf_config.json``
+    (written by ``moekit convert``) becoming ``model.hf_config``.
     """
     from tokenizers import Tokenizer
 
@@ -208,9 +158,7 @@ def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
         )
     moekit_dir = is_moekit_dir(path)
     if moekit_dir:
-        model = _load_moekit_dir(path, parse_dtype(dtype))
-        if (path / "hf_config.json").is_file():
-            model.hf_config = read_json(path / "hf_config.json")
+        model = RunDir(path).load_model(parse_dtype(dtype))  # verified; hf_config.json -> model.hf_config
     else:
         model = from_pretrained(path, dtype)
     tok = None

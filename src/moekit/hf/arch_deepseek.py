@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from moekit.config import MoEConfig
+from moekit.config import MLAConfig, ModelConfig, MoEConfig
 from moekit.hf.adapter import Adapter
 from moekit.hf.fields import (
     Fields,
@@ -27,8 +27,6 @@ from moekit.hf.fields import (
     moe_layers,
     refuse,
 )
-from moekit.nn.mla import MLAConfig
-from moekit.nn.transformer import ModelConfig
 
 __all__ = ["ADAPTER"]
 

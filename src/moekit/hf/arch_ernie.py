@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from moekit.config import MoEConfig
+from moekit.config import ModelConfig, MoEConfig
 from moekit.hf.adapter import Adapter
 from moekit.hf.fields import (
     Fields,
@@ -26,7 +26,6 @@ from moekit.hf.fields import (
     moe_layers,
     refuse,
 )
-from moekit.nn.transformer import ModelConfig
 
 __all__ = ["ADAPTER"]
 

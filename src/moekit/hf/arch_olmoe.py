@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from moekit.config import MoEConfig
+from moekit.config import ModelConfig, MoEConfig
 from moekit.hf.adapter import Adapter
 from moekit.hf.fields import Fields, common_hf, export_errors, moe_layers, refuse
-from moekit.nn.transformer import ModelConfig
 
 __all__ = ["ADAPTER"]
 

@@ -9,7 +9,6 @@ resident set until the file is closed, so :class:`ShardReader` closes and reopen
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Self
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from moekit.rundir import atomic_write, atomic_write_json
 
 __all__ = [
     "CONFIG_FILE",
@@ -230,11 +231,9 @@ def write_shards(
                 t = t.clone()  # a slice of a stacked tensor: safetensors refuses tensors sharing storage
             tensors[key] = t
             weight_map[key] = name
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / name)
+        atomic_write(out / name, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(out / INDEX_FILE, index, sort_keys=True)
     return [out / n for n in names]

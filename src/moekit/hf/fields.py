@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.nn.transformer import ModelConfig
+from moekit.config import ModelConfig
 
 __all__ = [
     "ALIASES",

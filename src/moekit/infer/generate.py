@@ -12,7 +12,6 @@ Decoding, step by step:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from moekit.data import load_tokenizer
-from moekit.nn.transformer import KVCache, ModelConfig, MoETransformer
-from moekit.train.checkpoint import MANIFEST_FILE, MODEL_FILE, CheckpointError, load_weights
+from moekit.nn.transformer import KVCache, MoETransformer
+from moekit.rundir import RunDir
 
 __all__ = ["filter_logits", "generate", "load_run", "sample_next"]
 
@@ -134,33 +133,9 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
 
 
 def load_run(path: str | Path) -> tuple[MoETransformer, Tokenizer]:
-    """The model (eval mode, CPU) and tokenizer of a moekit run directory.
-
-    Reads ``config.json`` (ModelConfig), ``model.safetensors`` and ``tokenizer.json``. When the
-    checkpoint manifest is present, the weights file's size is checked against it first, so a
-    truncated file is reported as such. Raises FileNotFoundError, ValueError or CheckpointError,
-    each naming the file at fault.
+    """The model (eval mode, CPU) and tokenizer of a moekit run directory: ``RunDir.load_model`` (which
+    checks the weights against the checkpoint manifest) and ``RunDir.tokenizer``. Raises
+    FileNotFoundError, ValueError or CheckpointError, each naming the file at fault.
     """
-    run = Path(path)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: no model config; is {run} a moekit run directory?")
-    cfg = ModelConfig.from_json(cfg_path)
-    weights = run / MODEL_FILE
-    manifest = run / MANIFEST_FILE
-    if not weights.is_file() and (run / "dcp").is_dir():  # a distributed run checkpoints to DCP only
-        dcp = run / "dcp"
-        raise CheckpointError(f"{weights}: missing; {run} holds a distributed checkpoint ({dcp}). Write the "
-                              "single-file weights first: moekit.parallel.checkpoint."
-                              f"export_dcp_to_safetensors('{dcp}', '{weights}')")
-    if weights.is_file() and manifest.is_file():
-        try:
-            expected = json.loads(manifest.read_text())["files"][MODEL_FILE]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            expected = None  # a damaged manifest does not stop inference; load_weights still checks the file
-        if expected is not None and weights.stat().st_size != expected:
-            raise CheckpointError(f"{weights}: {weights.stat().st_size} bytes but {manifest} says "
-                                  f"{expected}: the file is truncated or from another checkpoint")
-    model = MoETransformer(cfg)
-    load_weights(model, weights)
-    return model.eval(), load_tokenizer(run)
+    run = RunDir(path)
+    return run.load_model(), load_tokenizer(run.tokenizer_path)

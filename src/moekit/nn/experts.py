@@ -4,13 +4,12 @@ Legend: T tokens, D model dim, E experts, H expert hidden, A assignments.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from moekit.functional.dispatch import Dispatch, activation_fn, loop_experts_reference
-from moekit.ops.grouped_ffn import grouped_ffn, grouped_ffn_combine
+from moekit.functional.dispatch import activation_fn, loop_experts_reference
+from moekit.nn.init import init_weights_
+from moekit.ops.grouped_ffn import grouped_ffn
 
 __all__ = ["GroupedExperts", "MLP"]
 
@@ -38,14 +37,10 @@ class GroupedExperts(nn.Module):
         return self.w_up.shape[0]
 
     def reset_parameters(self, std: float | None = None, out_std: float | None = None) -> None:
-        """Normal init; default std = 1/sqrt(fan_in) for each projection."""
-        D, H = self.w_up.shape[2], self.w_up.shape[1]
-        for w in (self.w_gate, self.w_up):
-            if w is not None:
-                nn.init.normal_(w, std=std if std is not None else 1 / math.sqrt(D))
-        nn.init.normal_(self.w_down, std=out_std if out_std is not None else (std or 1 / math.sqrt(H)))
+        """:func:`moekit.nn.init.init_weights_` (default: N(0, 1/sqrt(fan_in)) for each projection)."""
+        init_weights_(self, std, out_std)
 
-    def combine(self, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor) -> Tensor:
         """Weighted sum over each token's assignments of its experts' outputs. Returns (T, D).
 
         token_A, expert_A, weight_A: (A,) in any order; ``expert_A == E`` marks a dropped assignment.
@@ -55,15 +50,6 @@ class GroupedExperts(nn.Module):
             return loop_experts_reference(x_TD, token_A[keep_A], expert_A[keep_A], weight_A[keep_A], self.w_gate,
                                           self.w_up, self.w_down, self.activation)
         return grouped_ffn(x_TD, token_A, expert_A, weight_A, self.w_gate, self.w_up, self.w_down, self.activation)
-
-    def forward(self, x_TD: Tensor, d: Dispatch) -> Tensor:
-        """The same as :meth:`combine` for assignments already sorted by expert (a :class:`Dispatch`)."""
-        if self.impl == "loop":
-            expert_A = torch.repeat_interleave(torch.arange(len(d.counts), device=x_TD.device), d.counts_E)
-            return loop_experts_reference(x_TD, d.token_A, expert_A, d.weight_A, self.w_gate, self.w_up,
-                                          self.w_down, self.activation)
-        return grouped_ffn_combine(x_TD, d.token_A, d.weight_A, self.w_gate, self.w_up, self.w_down,
-                                   d.counts, self.activation)
 
     def extra_repr(self) -> str:
         E, H, D = self.w_up.shape

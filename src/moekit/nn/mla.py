@@ -15,63 +15,14 @@ are permuted on load (moekit.hf), which leaves every q.k product unchanged.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import MLAConfig
 from moekit.nn.attention import KVCache, RMSNorm, apply_rope
 
-__all__ = ["MLAConfig", "MultiHeadLatentAttention"]
-
-
-@dataclass(frozen=True)
-class MLAConfig:
-    """Shapes of multi-head latent attention; ``q_lora_rank=None`` projects q directly from x."""
-
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    q_lora_rank: int | None = 1536
-    softmax_scale: float | None = None  # None = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
-    latent_norm_eps: float = 1e-6  # q_a_norm and kv_a_norm (DeepSeek keeps 1e-6 whatever rms_norm_eps is)
-
-    def __post_init__(self) -> None:
-        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"mla.{name}={v!r} must be an integer >= 1")
-        if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
-            raise ValueError(f"mla.qk_nope_head_dim={self.qk_nope_head_dim!r} must be an integer >= 0")
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
-            raise ValueError(f"mla.q_lora_rank={self.q_lora_rank!r} must be an integer >= 1 or None")
-        if self.softmax_scale is not None and not self.softmax_scale > 0:
-            raise ValueError(f"mla.softmax_scale={self.softmax_scale!r} must be > 0 (or None)")
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def scale(self) -> float:
-        return self.softmax_scale if self.softmax_scale is not None else self.qk_head_dim**-0.5
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MLAConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MLAConfig has no field(s) {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
+__all__ = ["MultiHeadLatentAttention"]
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.functional import routing as R
+from moekit.nn.init import init_weights_
 
 __all__ = ["Router"]
 
@@ -33,12 +34,9 @@ class Router(nn.Module):
             self.expert_bias = None
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        nn.init.normal_(self.weight, std=std)
-        if self.w_noise is not None:
-            nn.init.zeros_(self.w_noise)
-        if self.expert_bias is not None:
-            self.expert_bias.zero_()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """:func:`moekit.nn.init.init_weights_`: weight N(0, std or 1/sqrt(D)), w_noise 0, expert_bias 0."""
+        init_weights_(self, std)
 
     def forward(self, x_TD: Tensor) -> R.Routing:
         cfg = self.cfg

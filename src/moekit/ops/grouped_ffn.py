@@ -3,15 +3,13 @@
 Legend: T tokens, D model dim, E experts, H expert hidden, A assignments, S assignments kept and
 sorted by expert (expert e owns a contiguous run of n_e rows).
 
-Two entry points share the same kernels (:func:`_sorted_forward`, :func:`_sorted_backward`):
-- :func:`grouped_ffn` takes the router's assignments as they come (token, expert, weight; expert id
-  E marks an assignment dropped by the capacity limit). Under ``torch.compile`` it is the
-  ``torch.library`` custom op ``moekit::grouped_ffn``: every input and output has a static shape, and
-  the sort, the per-expert counts and their one host sync happen inside the op, so an MoE layer traces
-  without graph breaks (dropless and capacity mode alike). Eagerly the same kernels run under a plain
-  autograd Function, which skips the op dispatcher's per-call cost.
-- :func:`grouped_ffn_combine` takes assignments already sorted by expert with host-side counts
-  (the expert-parallel dispatcher regroups received rows itself).
+:func:`grouped_ffn` takes the router's assignments as they come (token, expert, weight; expert id E
+marks an assignment dropped by the capacity limit) and runs the kernels :func:`_sorted_forward` and
+:func:`_sorted_backward` over them. Under ``torch.compile`` it is the ``torch.library`` custom op
+``moekit::grouped_ffn``: every input and output has a static shape, and the sort, the per-expert
+counts and their one host sync happen inside the op, so an MoE layer traces without graph breaks
+(dropless and capacity mode alike). Eagerly the same kernels run under a plain autograd Function,
+which skips the op dispatcher's per-call cost.
 
 Why a custom autograd op (and not plain autograd over a loop):
 - it saves only the sort order, the combine weights and the two (A, H) pre-activations; the
@@ -34,7 +32,7 @@ from torch import Tensor
 
 from moekit.ops.expert_threads import for_each_expert, use_expert_threads
 
-__all__ = ["grouped_ffn", "grouped_ffn_combine"]
+__all__ = ["grouped_ffn"]
 
 
 def _act(name: str, z: Tensor) -> Tensor:
@@ -158,34 +156,6 @@ def _sorted_backward(gout_TD: Tensor, x_TD: Tensor, tok_S: Tensor, w_S: Tensor, 
     for_each_expert(counts, input_grads, x_TD.device, par)
     dx_TD = torch.zeros_like(x_TD).index_add_(0, tok_S, dx_SD) if need_x else None
     return dx_TD, gw_S, dw_gate, dw_up, dw_down
-
-
-# -- sorted entry point (host counts given) ----------------------------------------------------------
-class _GroupedFFNCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation):
-        out_TD, g_AH, u_AH = _sorted_forward(x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation)
-        ctx.save_for_backward(x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH)
-        ctx.counts, ctx.activation = counts, activation
-        return out_TD
-
-    @staticmethod
-    def backward(ctx, gout_TD):
-        x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH = ctx.saved_tensors
-        need_x, _, need_w, need_wg, need_wu, need_wd = ctx.needs_input_grad[:6]
-        dx, gw, dwg, dwu, dwd = _sorted_backward(gout_TD, x_TD, token_A, weight_A, w_gate, w_up, w_down, g_AH, u_AH,
-                                                 ctx.counts, ctx.activation, (need_x, need_w, need_wg, need_wu, need_wd))
-        return dx, None, gw, dwg, dwu, dwd, None, None
-
-
-def grouped_ffn_combine(x_TD: Tensor, token_A: Tensor, weight_A: Tensor, w_gate: Tensor | None, w_up: Tensor,
-                        w_down: Tensor, counts: list[int], activation: str) -> Tensor:
-    """out_t = sum over sorted assignments a with token t of weight_a * expert_{e(a)}(x_t).
-
-    x_TD: (T, D); token_A, weight_A: (A,) sorted so that expert e owns the run of ``counts[e]`` rows;
-    w_gate, w_up: (E, H, D) (w_gate None without a gate); w_down: (E, D, H). Returns (T, D).
-    """
-    return _GroupedFFNCombine.apply(x_TD, token_A, weight_A, w_gate, w_up, w_down, counts, activation)
 
 
 # -- unsorted entry point: the compile-friendly custom op --------------------------------------------

@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
-from moekit.parallel.grads import expert_parameters
+from moekit.nn.moe import expert_parameter_ids
 from moekit.parallel.groups import ParallelGroups, barrier, collective
+from moekit.rundir import atomic_write, atomic_write_json
 
 __all__ = ["export_dcp_to_safetensors", "load_dcp", "read_dcp_info", "resolve_dcp_dir", "save_dcp"]
 
@@ -68,7 +69,7 @@ def _init_adam_state(opt: torch.optim.Optimizer) -> None:
 def _state(model: nn.Module, opt: torch.optim.Optimizer | None, groups: ParallelGroups | None,
            extra: dict[str, Tensor] | None, *, copy: bool) -> tuple[dict[str, Any], list[tuple[Tensor, Any]]]:
     """The DCP state dict, and (destination, source) pairs to copy back after a load."""
-    experts = expert_parameters(model)
+    experts = expert_parameter_ids(model)
     expert_names = {name for name, p in model.named_parameters() if id(p) in experts}
     pairs: list[tuple[Tensor, Any]] = []
 
@@ -115,7 +116,7 @@ def save_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
     if main:
         meta = dict(info or {}, format="moekit-dcp", world_size=dist.get_world_size() if _dist_on() else 1,
                     ep_size=groups.ep_size if groups is not None else 1)
-        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(tmp / INFO_FILE, meta)
         if path.exists():
             if old.exists():
                 shutil.rmtree(old)
@@ -168,8 +169,7 @@ def load_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
 def export_dcp_to_safetensors(dcp_dir: str | Path, out_file: str | Path) -> Path:
     """Write the model of a DCP checkpoint as one single-process safetensors file (full (E, ...) experts).
 
-    Keys are the single-process ``state_dict`` names (what ``moekit.train.checkpoint.load_weights``
-    reads); the metadata records the step. Runs in one process, with or without a process group.
+    Keys are the single-process ``state_dict`` names (what ``moekit.rundir.load_weights`` reads); the metadata records the step. Runs in one process, with or without a process group.
     """
     from safetensors.torch import save_file
     from torch.distributed.checkpoint import FileSystemReader
@@ -186,7 +186,5 @@ def export_dcp_to_safetensors(dcp_dir: str | Path, out_file: str | Path) -> Path
     tensors = {k[len("model."):]: v.contiguous() for k, v in want.items() if k.startswith("model.")}
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "source": "moekit-dcp"})
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"step": str(step),
+                                                                              "source": "moekit-dcp"}))

@@ -27,35 +27,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moekit.functional.dispatch import Dispatch
+from moekit.functional.dispatch import sort_by_expert
 from moekit.nn.experts import GroupedExperts
-from moekit.nn.moe import MoELayer
+from moekit.nn.moe import MoELayer, expert_parallel_layers
 from moekit.parallel.all_to_all import CommMeter, all_to_all, exchange_counts
 from moekit.parallel.groups import check_same_config
 
 __all__ = ["AllToAllDispatcher", "apply_expert_parallel", "expert_parallel_meter", "shard_moe_layer"]
 
 
-def _expert_major_order(recv_WL: Tensor) -> Tensor:
-    """Rows arrive source-major (for src: for expert: rows); return the gather order expert-major."""
-    W, L = recv_WL.shape
-    counts = recv_WL.reshape(-1)
-    starts_WL = (counts.cumsum(0) - counts).view(W, L)  # where each (src, expert) run starts
-    counts_LW = recv_WL.t().reshape(-1)
-    starts_LW = starts_WL.t().reshape(-1)
-    # row j of the expert-major order is start of its run + its position inside the run
-    run_first_LW = counts_LW.cumsum(0) - counts_LW
-    total = int(counts.sum())
-    return torch.arange(total, device=recv_WL.device) + torch.repeat_interleave(starts_LW - run_first_LW, counts_LW,
-                                                                                output_size=total)
-
-
 class AllToAllDispatcher:
     """Sends every expert's run of assignments to the rank that holds the expert, and the outputs back.
 
-    ``dispatcher(x_nD, d, experts) -> y_nD`` with ``d`` sorted by *global* expert id (E runs) and
-    ``experts`` the L local experts. Traffic is added to ``meter`` (bytes and seconds, fwd + bwd).
+    The :class:`moekit.nn.dispatch.Dispatcher` call: ``dispatcher(x_nD, token_A, expert_A, weight_A,
+    experts) -> (y_nD, counts_E)`` with global expert ids (E marks a dropped assignment) and ``experts``
+    the L local experts; ``counts_E`` are this rank's assignments per global expert. Traffic is added
+    to ``meter`` (bytes and seconds, fwd + bwd).
     """
+
+    expert_parallel = True
 
     def __init__(self, group: Any, num_experts: int, meter: CommMeter | None = None):
         W = dist.get_world_size(group)
@@ -73,30 +63,36 @@ class AllToAllDispatcher:
         # a copied layer (e.g. an EMA model) talks over the same process group and meter
         return self
 
-    def __call__(self, x_nD: Tensor, d: Dispatch, experts: GroupedExperts) -> Tensor:
+    def __repr__(self) -> str:
+        return f"AllToAllDispatcher(rank={self.rank}, world_size={self.world_size}, experts={self.first_expert}.." \
+               f"{self.first_expert + self.num_local - 1})"
+
+    def __call__(self, x_nD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor,
+                 experts: GroupedExperts) -> tuple[Tensor, Tensor]:
         W, L = self.world_size, self.num_local
         if experts.num_experts != L:
             raise ValueError(f"rank {self.rank} holds {experts.num_experts} experts, expected E/W = {L}")
-        # 1. permute: one row per assignment, runs in global expert order
+        # 1. permute: one row per kept assignment, runs in global expert order = destination-rank order
+        d = sort_by_expert(token_A, expert_A, weight_A, self.num_experts)
         xs_AD = x_nD.index_select(0, d.token_A)
         # 2. counts: send_WL[j, e] rows for expert e of rank j; recv_WL[i, e] rows from rank i for my e
         send_WL = d.counts_E.view(W, L)
         recv_WL = exchange_counts(send_WL, self.group, self.meter)
         send_splits = send_WL.sum(1).tolist()
         recv_splits = recv_WL.sum(1).tolist()
-        # 3. rows to the experts' ranks
+        # 3. rows to the experts' ranks; they arrive source-major (for src: for expert: rows)
         xr_RD = all_to_all(xs_AD, recv_splits, send_splits, self.group, self.meter)
-        # 4. local experts; identity combine (weight 1, each row its own "token") keeps rows in arrival
-        #    order, ready to go back; gathering through order_R makes one contiguous run per expert
-        order_R = _expert_major_order(recv_WL)
-        counts_L = recv_WL.sum(0)
-        local = Dispatch(order_R, torch.ones(order_R.numel(), dtype=x_nD.dtype, device=x_nD.device),
-                         counts_L.tolist(), counts_L)
-        yr_RD = experts(xr_RD, local)
+        # 4. local experts, each row its own "token" with weight 1: outputs stay in arrival order, ready
+        #    to go back (the experts' stable sort regroups the rows expert-major for the GEMMs)
+        R = xr_RD.shape[0]
+        local_R = torch.arange(L, device=x_nD.device).repeat(W).repeat_interleave(recv_WL.reshape(-1), output_size=R)
+        rows_R = torch.arange(R, device=x_nD.device)
+        yr_RD = experts(xr_RD, rows_R, local_R, torch.ones(R, dtype=x_nD.dtype, device=x_nD.device))
         # 5. outputs home
         ys_AD = all_to_all(yr_RD, send_splits, recv_splits, self.group, self.meter)
         # 6. weighted combine, in the same order as the single-process op
-        return torch.zeros_like(x_nD).index_add(0, d.token_A, ys_AD * d.weight_A.to(ys_AD.dtype).unsqueeze(1))
+        y_nD = torch.zeros_like(x_nD).index_add(0, d.token_A, ys_AD * d.weight_A.to(ys_AD.dtype).unsqueeze(1))
+        return y_nD, d.counts_E
 
 
 def _slice_experts_(experts: GroupedExperts, first: int, count: int) -> None:
@@ -107,12 +103,13 @@ def _slice_experts_(experts: GroupedExperts, first: int, count: int) -> None:
             setattr(experts, name, nn.Parameter(p.detach()[first:first + count].clone(), requires_grad=p.requires_grad))
 
 
-def shard_moe_layer(layer: MoELayer, group: Any, meter: CommMeter | None = None) -> AllToAllDispatcher:
-    """Make ``layer`` expert-parallel over ``group``: keep this rank's experts, install the dispatcher.
+def shard_moe_layer(layer: MoELayer, group: Any, meter: CommMeter | None = None) -> MoELayer:
+    """Make ``layer`` expert-parallel over ``group``: keep this rank's experts, swap in the all-to-all
+    dispatcher; return the layer.
 
     Collective (all ranks of ``group``): checks that every rank has the same MoEConfig.
     """
-    if getattr(layer, "dispatcher", None) is not None:
+    if layer.expert_parallel:
         raise ValueError("this MoELayer is already expert-parallel")
     cfg = layer.cfg
     W = dist.get_world_size(group)
@@ -122,7 +119,7 @@ def shard_moe_layer(layer: MoELayer, group: Any, meter: CommMeter | None = None)
     disp = AllToAllDispatcher(group, cfg.num_experts, meter)
     _slice_experts_(layer.experts, disp.first_expert, disp.num_local)
     layer.dispatcher = disp
-    return disp
+    return layer
 
 
 def apply_expert_parallel(model: nn.Module, group: Any, meter: CommMeter | None = None) -> CommMeter:
@@ -140,8 +137,5 @@ def apply_expert_parallel(model: nn.Module, group: Any, meter: CommMeter | None 
 
 def expert_parallel_meter(model: nn.Module) -> CommMeter | None:
     """The meter of the first expert-parallel layer of ``model`` (shared by all with apply_expert_parallel)."""
-    for m in model.modules():
-        disp = getattr(m, "dispatcher", None)
-        if isinstance(disp, AllToAllDispatcher):
-            return disp.meter
-    return None
+    layers = expert_parallel_layers(model)
+    return layers[0].dispatcher.meter if layers else None

@@ -20,23 +20,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moekit.nn.moe import expert_parameter_ids
 from moekit.parallel.groups import ParallelGroups, collective
 
-__all__ = ["clip_grad_norm_", "expert_parameters", "split_parameters", "sync_gradients"]
-
-
-def expert_parameters(model: nn.Module) -> set[int]:
-    """ids of the parameters of expert-parallel experts (layers with a dispatcher)."""
-    ids: set[int] = set()
-    for m in model.modules():
-        if getattr(m, "dispatcher", None) is not None:
-            ids.update(id(p) for p in m.experts.parameters())
-    return ids
+__all__ = ["clip_grad_norm_", "split_parameters", "sync_gradients"]
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(replicated parameters, expert-parallel parameters), each in model order, trainable only."""
-    experts = expert_parameters(model)
+    experts = expert_parameter_ids(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return [p for p in params if id(p) not in experts], [p for p in params if id(p) in experts]
 

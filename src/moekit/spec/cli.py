@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moekit.spec.count import COMPONENTS, SpecReport, count_params, flops_per_token, memory
+from moekit.rundir import RunDir
+from moekit.spec.count import count_params
 from moekit.spec.presets import PRESETS, PUBLISHED, get_preset
+from moekit.spec.report import COMPONENTS, SpecReport, flops_per_token, memory
 
 __all__ = ["add_parser", "build_parser", "load_target", "main", "summary"]
 
@@ -48,9 +50,9 @@ def load_target(target: str) -> tuple[str, dict[str, Any]]:
     """(display name, config dict) for a path to a config.json or its directory, or a preset name."""
     path = Path(target)
     if path.is_dir():
-        path = path / "config.json"
+        path = RunDir(path).config_path  # a run's, or an HF directory's (the same name)
         if not path.is_file():
-            raise FileNotFoundError(f"{target!r} is a directory without a config.json")
+            raise FileNotFoundError(f"{target!r} is a directory without a {path.name}")
     if path.is_file():
         with path.open() as f:
             cfg = json.load(f)
@@ -93,39 +95,43 @@ def _bytes(n: float) -> str:
     return f"{n:g} B"
 
 
-def _print_tables(s: dict[str, Any]) -> None:
-    from rich.console import Console  # rich only when a table is printed
-    from rich.table import Table
+def _table(title: str, columns: tuple[str, ...]) -> Any:
+    """A rich table titled on the left: the first column (labels) left-aligned, the numbers right-aligned."""
+    from rich.table import Table  # rich only when a table is printed
 
-    con, arch = Console(), s["architecture"]
-    if not con.is_terminal:  # piped or captured: rich would wrap at 80 columns
-        con.width = 110
-    con.print(f"[bold]{s['name']}[/] ({s['model_type']}): {arch['num_layers']} layers, "
-              f"d_model {arch['hidden_size']}, {arch['num_moe_layers']} MoE layers, {arch['num_experts']} "
-              f"experts, {arch['experts_per_token']} per token, "
-              f"{'tied' if arch['tied_embeddings'] else 'untied'} embeddings")
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table
 
-    params = Table(title="Parameters", title_justify="left")
-    for col in ("component", "total", "active / token", "% of total"):
-        params.add_column(col, justify="left" if col == "component" else "right")
-    total = s["total_params"]
+
+def _headline(s: dict[str, Any]) -> str:
+    arch = s["architecture"]
+    return (f"[bold]{s['name']}[/] ({s['model_type']}): {arch['num_layers']} layers, "
+            f"d_model {arch['hidden_size']}, {arch['num_moe_layers']} MoE layers, {arch['num_experts']} "
+            f"experts, {arch['experts_per_token']} per token, "
+            f"{'tied' if arch['tied_embeddings'] else 'untied'} embeddings")
+
+
+def _params_table(s: dict[str, Any]) -> Any:
+    params = _table("Parameters", ("component", "total", "active / token", "% of total"))
+    total, tied = s["total_params"], s["architecture"]["tied_embeddings"]
     for name in COMPONENTS:
         c = s["components"][name]
-        label = _LABELS[name] + (" (tied: in embeddings)" if name == "lm_head" and arch["tied_embeddings"] else "")
+        label = _LABELS[name] + (" (tied: in embeddings)" if name == "lm_head" and tied else "")
         params.add_row(label, _num(c["total"]), _num(c["active"]), f"{100 * c['total'] / total:.1f}")
     params.add_section()
     params.add_row("[bold]total[/] (input embedding + LM head counted)", _num(total), _num(s["active_params"]),
                    "100.0")
     params.add_row("active w/o input embedding (DeepSeek, gpt-oss cards)", "",
                    _num(s["active_params_no_embedding"]), "")
-    con.print(params)
+    return params
 
+
+def _flops_table(s: dict[str, Any]) -> Any:
     fl = s["flops_per_token"]
-    flops = Table(title=f"Forward FLOPs per token at seq_len {s['seq_len']} (2 per multiply-add)",
-                  title_justify="left")
-    flops.add_column("part")
-    flops.add_column("FLOPs", justify="right")
-    flops.add_column("%", justify="right")
+    flops = _table(f"Forward FLOPs per token at seq_len {s['seq_len']} (2 per multiply-add)",
+                   ("part", "FLOPs", "%"))
     rows = [("attention projections", "attention_projections"),
             ("attention scores + values (grows with seq_len)", "attention_scores"),
             ("MoE: router", "router"), ("MoE: routed experts", "routed_experts"),
@@ -135,23 +141,25 @@ def _print_tables(s: dict[str, Any]) -> None:
         flops.add_row(label, _num(fl[key]), f"{100 * fl[key] / fl['total']:.1f}")
     flops.add_section()
     flops.add_row("[bold]total[/]", _num(fl["total"]), "100.0")
-    con.print(flops)
+    return flops
 
+
+def _memory_tables(s: dict[str, Any]) -> tuple[Any, Any]:
+    """The weights' bytes per dtype, and the KV cache's."""
     kv, dtypes = s["kv_cache"], ("fp32", "bf16", "int8", "int4")
-    mem = Table(title="Weights", title_justify="left")
-    for col in ("", *dtypes):
-        mem.add_column(col, justify="right" if col else "left")
+    mem = _table("Weights", ("", *dtypes))
     mem.add_row("all weights", *(_bytes(s["memory"][dt]) for dt in dtypes))
-    con.print(mem)
-    cache = Table(title="KV cache", title_justify="left")
-    for col in ("", "bf16", "fp32"):
-        cache.add_column(col, justify="right" if col else "left")
+    cache = _table("KV cache", ("", "bf16", "fp32"))
     for label, key in (("per token, per layer", "bytes_per_token_per_layer"),
                        (f"per token, all {len(kv['elements_per_token_per_layer'])} caching layers", "bytes_per_token"),
                        (f"one sequence of {s['seq_len']} tokens", "bytes_at_seq_len")):
         cache.add_row(label, _bytes(kv[key]["bf16"]), _bytes(kv[key]["fp32"]))
-    con.print(cache)
-    notes = list(s["notes"])
+    return mem, cache
+
+
+def _notes(s: dict[str, Any]) -> list[str]:
+    """The report's own notes, then what the tables cannot show (uneven caches, windows, published counts)."""
+    notes, kv = list(s["notes"]), s["kv_cache"]
     if len(set(kv["elements_per_token_per_layer"])) > 1:
         notes.append("the KV cache per token differs between layers; 'per layer' shows the largest")
     if kv["sliding_window_layers"]:
@@ -160,7 +168,36 @@ def _print_tables(s: dict[str, Any]) -> None:
         pub = PUBLISHED[s["name"]]
         notes.append(f"published: {_num(pub.total)} total, {_num(pub.active)} active "
                      f"({'without' if pub.convention == 'no_embedding' else 'with'} input embedding)")
-    for note in notes:
+    return notes
+
+
+def _stored_table(st: dict[str, Any]) -> Any:
+    fmt = st["format"]
+    title = "model.safetensors as stored" + (f" ({fmt['fmt']}{' group ' + str(fmt['group']) if fmt.get('group') else ''}"
+                                             f", {fmt['method']})" if fmt else "")
+    t = _table(title, ("part", "weights", "bytes", "bits / weight (scales included)"))
+    for part in ("routed_experts", "shared_experts", "attention", "other"):
+        p = st[part]
+        if p["weights"]:
+            t.add_row(_LABELS.get(part, "embeddings, norms, routers, head"), _num(p["weights"]), _bytes(p["bytes"]),
+                      f"{p['bits_per_weight']:.3f}")
+    t.add_section()
+    t.add_row("[bold]file[/]", "", _bytes(st["file_bytes"]), "")
+    return t
+
+
+def _print_tables(s: dict[str, Any]) -> None:
+    from rich.console import Console  # rich only when a table is printed
+
+    con = Console()
+    if not con.is_terminal:  # piped or captured: rich would wrap at 80 columns
+        con.width = 110
+    con.print(_headline(s))
+    for table in (_params_table(s), _flops_table(s), *_memory_tables(s)):
+        con.print(table)
+    if "stored" in s:
+        con.print(_stored_table(s["stored"]))
+    for note in _notes(s):
         con.print(f"note: {note}")
 
 

@@ -1,12 +1,13 @@
-"""What a MoE model costs, from its config fields alone: parameters, FLOPs, weight and KV-cache bytes.
+"""A MoE model's parameters by component, from its config fields alone, as a ``SpecReport``.
 
 Pure arithmetic, no torch. Each adapter below reads one architecture's HF ``config.json`` fields and
 adds the tensors transformers' modelling code would build for it to a tally; tests/spec checks every
 total against ``sum(p.numel())`` of a tiny instance. Core sizes are required; toggles that a
-config.json may leave out (biases, sparse steps, tying) take transformers' class defaults.
+config.json may leave out (biases, sparse steps, tying) take transformers' class defaults. The FLOPs
+and memory a report implies are in ``moekit.spec.report``.
 
 Legend: V vocab, D model dim, L layers, H query heads, Hkv key/value heads, Dh head dim, E experts,
-K experts per token, F expert hidden, S context length.
+K experts per token, F expert hidden.
 
 Conventions:
 - ``total`` counts every stored weight once (a tied embedding / LM head once);
@@ -14,71 +15,19 @@ Conventions:
 - ``active`` is what one token touches: routed experts count K of E, and the input embedding and
   LM head both count in full. ``active_params_no_embedding`` drops the input embedding (untied models),
   the convention of the DeepSeek and gpt-oss model cards.
-- FLOPs are 2 per weight a token multiplies by (``Component.matmul``; biases and norms excluded), plus
-  attention scores 2·H·(qk+v)·S per layer for a token attending to S keys (a sliding window caps S).
+- ``matmul`` is what one token multiplies by: ``active`` without biases and norms, plus a tied LM head.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "COMPONENTS", "SUPPORTED_MODEL_TYPES", "AttentionLayer", "Component", "SpecReport", "count_params",
-    "flops_per_token", "memory",
-]
+from moekit.config import MLAConfig
+from moekit.spec.report import COMPONENTS, AttentionLayer, Component, SpecReport
 
-COMPONENTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp",
-              "norms", "lm_head")
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
-KV_BYTES = {"bf16": 2, "fp32": 4}
+__all__ = ["SUPPORTED_MODEL_TYPES", "count_params"]
+
 _MISSING: Any = object()
-
-
-@dataclass(frozen=True)
-class Component:
-    total: int
-    active: int
-    matmul: int  # weights one token multiplies by; a tied LM head has matmul but no params of its own
-
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """The part of one attention layer that grows with context: scores and the KV cache."""
-
-    n_heads: int
-    qk_dim: int  # per head
-    v_dim: int  # per head
-    kv_cache: int  # elements cached per token (0 for an encoder layer)
-    window: int | None = None
-
-
-@dataclass(frozen=True)
-class SpecReport:
-    model_type: str
-    components: dict[str, Component]
-    attention: tuple[AttentionLayer, ...]
-    tied_embeddings: bool
-    hidden_size: int
-    num_layers: int
-    num_moe_layers: int
-    num_experts: int
-    experts_per_token: int
-    notes: tuple[str, ...] = ()
-
-    @property
-    def total_params(self) -> int:
-        return sum(c.total for c in self.components.values())
-
-    @property
-    def active_params(self) -> int:
-        return sum(c.active for c in self.components.values())
-
-    @property
-    def active_params_no_embedding(self) -> int:
-        """Active without the input embedding table; tied, that table is the LM head and stays."""
-        emb = 0 if self.tied_embeddings else self.components["embeddings"].active
-        return self.active_params - emb
 
 
 class _Tally:
@@ -366,9 +315,12 @@ def _moekit(cfg: dict) -> SpecReport:
     t = _Tally()
     for i in range(n_layers):
         if mla:  # moekit.nn.mla: bias-free; MLAConfig's defaults for absent fields
-            t.mla(d, h, mla.get("q_lora_rank", 1536), _get(mla, "kv_lora_rank", default=512),
-                  _get(mla, "qk_nope_head_dim", default=128), _get(mla, "qk_rope_head_dim", default=64),
-                  _get(mla, "v_head_dim", default=128))
+            m = MLAConfig()
+            t.mla(d, h, mla.get("q_lora_rank", m.q_lora_rank),
+                  _get(mla, "kv_lora_rank", default=m.kv_lora_rank),
+                  _get(mla, "qk_nope_head_dim", default=m.qk_nope_head_dim),
+                  _get(mla, "qk_rope_head_dim", default=m.qk_rope_head_dim),
+                  _get(mla, "v_head_dim", default=m.v_head_dim))
         else:
             norms = ((h * dh, hkv * dh) if full_qk else (dh, dh)) if qk_norm else (0, 0)
             t.gqa(d, h, hkv, dh, qkv_bias=bias, o_bias=out_bias, qk_norm=norms)
@@ -405,34 +357,3 @@ def count_params(hf_config: dict) -> SpecReport:
     if model_type not in _ADAPTERS:
         raise ValueError(f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return _ADAPTERS[model_type](hf_config)
-
-
-def flops_per_token(report: SpecReport, seq_len: int = 4096) -> dict[str, int]:
-    """Forward FLOPs for one token attending to ``seq_len`` keys (the last token of that context)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    c = report.components
-    out = {name: 2 * c[name].matmul for name in ("router", "routed_experts", "shared_experts", "dense_mlp", "lm_head")}
-    out["attention_projections"] = 2 * c["attention"].matmul
-    out["attention_scores"] = sum(2 * a.n_heads * (a.qk_dim + a.v_dim) * min(seq_len, a.window or seq_len)
-                                  for a in report.attention)
-    out["moe"] = out["router"] + out["routed_experts"] + out["shared_experts"]
-    out["attention"] = out["attention_projections"] + out["attention_scores"]
-    out["total"] = out["attention"] + out["moe"] + out["dense_mlp"] + out["lm_head"]
-    return out
-
-
-def memory(report: SpecReport, seq_len: int = 4096) -> dict[str, Any]:
-    """Weight bytes per dtype and KV-cache bytes (per token per layer, per token, at ``seq_len``)."""
-    per_layer = [a.kv_cache for a in report.attention if a.kv_cache]
-    at_len = sum(a.kv_cache * min(seq_len, a.window or seq_len) for a in report.attention)
-    return {
-        "weights_bytes": {dt: int(report.total_params * b) for dt, b in BYTES_PER_PARAM.items()},
-        "kv_cache": {
-            "elements_per_token_per_layer": per_layer,
-            "bytes_per_token_per_layer": {dt: max(per_layer, default=0) * b for dt, b in KV_BYTES.items()},
-            "bytes_per_token": {dt: sum(per_layer) * b for dt, b in KV_BYTES.items()},
-            "bytes_at_seq_len": {dt: at_len * b for dt, b in KV_BYTES.items()},
-            "sliding_window_layers": sum(1 for a in report.attention if a.window and a.kv_cache),
-        },
-    }

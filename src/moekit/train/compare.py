@@ -1,14 +1,13 @@
 """MoE vs dense at equal active parameters: same data, steps and seed; summary.json and a table."""
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
+from moekit.config import ModelConfig, TrainConfig
 from moekit.data import DataInfo
-from moekit.nn.transformer import ModelConfig
-from moekit.train.config import TrainConfig
+from moekit.rundir import RunDir, atomic_write_json
 from moekit.train.loop import TrainResult, train
 
 __all__ = ["dense_baseline", "compare", "step_reaching", "format_summary"]
@@ -21,12 +20,7 @@ def dense_baseline(cfg: ModelConfig) -> ModelConfig:
 
 
 def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "val_loss" in rec:
-            out.append((rec["step"], rec["val_loss"]))
-    return out
+    return [(rec["step"], rec["val_loss"]) for rec in RunDir(run_dir).metrics() if "val_loss" in rec]
 
 
 def step_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -71,7 +65,7 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
     diffs = [m["final_val_loss"] - d["final_val_loss"] for m, d in zip(runs["moe"], runs["dense"])]
     summary["moe_minus_dense_val_loss"] = {"mean": statistics.fmean(diffs), "per_seed": diffs,
                                            "moe_wins": sum(d < 0 for d in diffs)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 

@@ -1,8 +1,8 @@
-"""Expert-parallel x data-parallel training: what the training loop calls when it runs on several processes.
+"""Expert-parallel x data-parallel training: the :class:`~moekit.train.runtime.Runtime` of several processes.
 
-``moekit.train.loop.train(..., dist=DistributedContext(...))`` calls this object at a few marked points
-(setup, batch, loss, backward, clipping, eval, checkpoints, stop). Every collective goes through
-``moekit.parallel`` (STYLE: the only package that imports torch.distributed).
+``moekit.train.loop.train(..., runtime=DistributedRuntime(...))`` calls it where it calls a
+``LocalRuntime`` on one process (setup, batch, loss, backward, clipping, eval, checkpoints, stop). Every
+collective goes through ``moekit.parallel`` (STYLE: the only package that imports torch.distributed).
 
 Semantics, for a world of N ranks with expert-parallel size ``ep`` (data-parallel size N / ep):
 - every rank builds the full model from the same seed, then keeps its E/ep experts of each layer;
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,15 +37,19 @@ from moekit.parallel import (
     apply_expert_parallel,
     check_same_config,
     load_dcp,
+    read_dcp_info,
     save_dcp,
 )
 from moekit.parallel import clip_grad_norm_ as _clip_grad_norm
 from moekit.parallel import sync_gradients as _sync_gradients
-from moekit.parallel.groups import all_gather_tensor, all_reduce_
+from moekit.parallel.groups import all_gather_tensor, all_reduce_, barrier
+from moekit.rundir import RunDir
+from moekit.train.progress import Progress
+from moekit.train.runtime import StepReduction
 
-__all__ = ["DCP_DIR", "DistributedContext"]
+__all__ = ["DistributedRuntime"]
 
-DCP_DIR = "dcp"  # the distributed checkpoint inside a run directory
+T = TypeVar("T")
 
 
 class _Quiet:
@@ -58,7 +63,7 @@ class _Quiet:
 
 
 @dataclass
-class DistributedContext:
+class DistributedRuntime:
     """One rank's view of a distributed run; ``groups`` None = one process reading/writing DCP checkpoints."""
 
     groups: ParallelGroups | None
@@ -85,10 +90,10 @@ class DistributedContext:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.run_dir / DCP_DIR
+        return RunDir(self.run_dir).dcp_dir
 
     # -- setup ------------------------------------------------------------------------------------
-    def setup_model(self, model: nn.Module, model_cfg: Any, cfg: Any) -> None:
+    def setup(self, model: nn.Module, model_cfg: Any, cfg: Any) -> None:
         """Check that every rank runs the same configs, then keep this rank's experts."""
         self.seed = cfg.seed
         if self.groups is None:
@@ -100,24 +105,11 @@ class DistributedContext:
         if self.ep_size > 1:
             self.meter = apply_expert_parallel(model, self.groups.ep_group)
 
-    def num_params(self, model: nn.Module) -> dict[str, int]:
-        """model.num_params() of the whole (unsharded) model."""
-        p = model.num_params()
-        missing = 0
-        for m in model.modules():
-            disp = getattr(m, "dispatcher", None)
-            if disp is not None:
-                per_expert = sum(w[0].numel() for w in m.experts.parameters())
-                missing += (disp.num_experts - disp.num_local) * per_expert
-        return {"total_params": p["total_params"] + missing, "active_params": p["active_params"] + missing}
-
     def progress(self, label: str, total: int, start: int) -> Any:
-        from moekit.train.progress import Progress
-
         return Progress(label, total, start) if self.is_main else _Quiet()
 
     # -- one step ---------------------------------------------------------------------------------
-    def shard_batch(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the global batch; re-seed torch's RNG for (seed, step, rank); zero the meter."""
         torch.manual_seed((self.seed * 1_000_003 + step * 1_009 + self.rank) % (2**63))
         if self.meter is not None:
@@ -128,7 +120,7 @@ class DistributedContext:
         rows = slice(self.rank * b, (self.rank + 1) * b)
         return x[rows], y[rows]
 
-    def mean_loss(self, out: Any) -> float:
+    def loss(self, out: Any) -> float:
         """The LM loss averaged over ranks (= the global batch's); NaN if any rank's loss or aux is not finite."""
         t = torch.tensor([float(out.loss.detach()), float(out.aux_loss.detach())], dtype=torch.float64)
         if self.groups is not None:
@@ -136,13 +128,14 @@ class DistributedContext:
             t /= self.world_size
         return float(t[0]) if math.isfinite(float(t[1])) else float("nan")
 
-    def after_backward(self, model: nn.Module, out: Any) -> dict[str, Any]:
-        """Reduce gradients and routing counts over the ranks; return this step's all-to-all traffic."""
+    def reduce(self, model: nn.Module, out: Any) -> StepReduction:
+        """Reduce gradients and routing counts over the ranks; return them with this step's all-to-all traffic."""
         if self.groups is None:
-            return {}
+            return StepReduction(out.stats, {})
         _sync_gradients(model, self.groups)
         # counts summed over every rank: logs, collapse detection and the bias update agree everywhere
         layers = sorted(out.stats)
+        stats = dict(out.stats)
         if layers:
             parts = [torch.cat([out.stats[i].tokens_per_expert.double().reshape(-1),
                                 out.stats[i].dropped.double().reshape(1),
@@ -152,10 +145,13 @@ class DistributedContext:
             for i in layers:
                 s = out.stats[i]
                 E = s.tokens_per_expert.numel()
-                s.tokens_per_expert = flat[offset:offset + E].round().to(s.tokens_per_expert.dtype)
-                s.dropped = flat[offset + E].round().to(s.dropped.dtype)
-                s.num_assignments = flat[offset + E + 1].round().to(s.num_assignments.dtype)
+                stats[i] = replace(s, tokens_per_expert=flat[offset:offset + E].round().to(s.tokens_per_expert.dtype),
+                                   dropped=flat[offset + E].round().to(s.dropped.dtype),
+                                   num_assignments=flat[offset + E + 1].round().to(s.num_assignments.dtype))
                 offset += E + 2
+        return StepReduction(stats, self._comm())
+
+    def _comm(self) -> dict[str, Any]:
         if self.meter is None:
             return {}
         c = self.meter.reset()
@@ -165,10 +161,9 @@ class DistributedContext:
                 "a2a_bytes_sent_per_rank": [int(v) for v in every[:, 0].tolist()],
                 "a2a_s_per_rank": every[:, 1].tolist()}
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
-        if max_norm <= 0:
-            return float("nan")
-        return _clip_grad_norm(model, max_norm, self.groups)
+    def grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        # max_norm = inf computes the norm and scales by exactly 1: a non-finite gradient is seen either way
+        return _clip_grad_norm(model, max_norm if max_norm > 0 else math.inf, self.groups)
 
     def agree_stop(self, sig: int | None) -> int | None:
         """Stop (checkpoint and exit) on every rank when any rank got SIGINT/SIGTERM."""
@@ -195,14 +190,30 @@ class DistributedContext:
         return float(total[0] / total[1].clamp_min(1))
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int) -> None:
+    def save_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                        step: int) -> None:
         save_dcp(self.ckpt_dir, model, opt, self.groups,
                  extra={"step": torch.tensor(step, dtype=torch.int64), "data_rng": gen.get_state()},
                  info={"step": step})
 
-    def load_checkpoint(self, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        """Load (resharding experts to this layout); return the state the loop restores, like load_checkpoint."""
+    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load (resharding experts to this layout); return the state the loop restores."""
         templates = {"step": torch.tensor(0, dtype=torch.int64), "data_rng": torch.Generator().get_state()}
         extra = load_dcp(self.ckpt_dir, model, opt, self.groups, extra=templates)
-        return {"optimizer": opt.state_dict(), "data_rng": extra["data_rng"], "torch_rng": torch.get_rng_state(),
-                "step": int(extra["step"])}
+        return {"data_rng": extra["data_rng"], "torch_rng": torch.get_rng_state(), "step": int(extra["step"])}
+
+    def last_checkpoint_step(self, run: RunDir) -> int | None:
+        return read_dcp_info(self.ckpt_dir).get("step")
+
+    def own_dir(self, run_dir: Path) -> Path:
+        return RunDir(run_dir).rank_dir(self.rank).path
+
+    def rank0_first(self, fn: Callable[[], T]) -> T:
+        if self.groups is None:
+            return fn()
+        if self.is_main:
+            result = fn()
+            barrier("waiting for rank 0 to prepare the data")
+            return result
+        barrier("waiting for rank 0 to prepare the data")
+        return fn()

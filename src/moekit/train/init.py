@@ -12,28 +12,23 @@ generate`` stops at its end-of-sequence token and ``moekit convert`` writes its 
 """
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moekit.data.tokenizer import TOKENIZER_FILE, document_separator, vocab_extent
-from moekit.nn.transformer import ModelConfig
+from moekit.config import ModelConfig, training_only_fields
+from moekit.data.tokenizer import document_separator, vocab_extent
+from moekit.rundir import CONFIG_FILE, TOKENIZER_FILE, RunDir, atomic_copy
 
-__all__ = ["INIT_FILE", "TRAINING_ONLY", "InitModel", "architecture_diff", "load_init", "load_init_state"]
+__all__ = ["TRAINING_ONLY", "InitModel", "architecture_diff", "load_init", "load_init_state"]
 
-INIT_FILE = "init_from.json"
 # tokenizer and generation files beside an HF model's weights, kept in the run directory
 COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-# ModelConfig fields ("moe." for MoEConfig's) that change neither the parameters nor what they mean
-TRAINING_ONLY = frozenset({
-    "init_std", "max_seq_len", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.importance_loss_coef",
-    "moe.capacity_factor", "moe.drop_policy", "moe.seq_aux", "moe.bias_update_rate", "moe.router_jitter",
-    "moe.expert_impl",
-})
+# ModelConfig fields ("moe." for MoEConfig's) that change neither the parameters nor what they mean: those
+# declared ``training_only`` in moekit.config (the CLI reads the same marking)
+TRAINING_ONLY = training_only_fields(ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -53,14 +48,15 @@ class InitModel:
 
     def write_run_files(self, run_dir: Path) -> None:
         """hf_config.json and the HF tokenizer files of PATH, and init_from.json, into ``run_dir``."""
+        run = RunDir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.hf_config is not None:
-            (run_dir / "hf_config.json").write_text(json.dumps(self.hf_config, indent=2) + "\n")
+            run.write_hf_config(self.hf_config)
         for name in COMPANION_FILES:
             if (self.path / name).is_file():
-                shutil.copyfile(self.path / name, run_dir / name)
-        record = {"init_from": str(self.path.resolve()), "source": self.source, "separator": self.separator}
-        (run_dir / INIT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                atomic_copy(self.path / name, run_dir / name)
+        run.write_init_record({"init_from": str(self.path.resolve()), "source": self.source,
+                               "separator": self.separator})
 
 
 def load_init(path: str | Path) -> InitModel:
@@ -73,8 +69,8 @@ def load_init(path: str | Path) -> InitModel:
 
     path = Path(path)
     where = f"--init-from {path}"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{where}: no config.json; expected a moekit run directory or a Hugging Face "
+    if not RunDir(path).config_path.is_file():  # an HF directory's config has the same name
+        raise FileNotFoundError(f"{where}: no {CONFIG_FILE}; expected a moekit run directory or a Hugging Face "
                                 "model directory")
     if not (path / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{where}: no {TOKENIZER_FILE}; the run's data must be encoded with the model's "

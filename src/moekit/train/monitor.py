@@ -1,4 +1,4 @@
-"""Routing-collapse detection over the per-step expert loads the trainer logs.
+"""The trainer's routing monitor: collapse detection over the per-step expert loads it logs.
 
 An expert is *dead* when its share of its layer's assignments stays below ``dead_threshold`` for
 ``window`` consecutive steps; a layer is *hot* when one expert takes more than ``hot_threshold`` of

@@ -1,0 +1,66 @@
+"""Where `moekit train` runs: torchrun for --nproc, and the training Runtime for this process.
+
+The only reader of the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from moekit.config import ParallelConfig
+from moekit.rundir import RunDir
+from moekit.train.runtime import LocalRuntime, Runtime
+
+__all__ = ["launch_torchrun", "make_runtime"]
+
+
+def launch_torchrun(argv: list[str], nproc: int) -> int:
+    """``moekit train --nproc N ARGS`` = ``torchrun --standalone --nproc-per-node N -m moekit train ARGS``."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "moekit", "train", *rest]
+    print("moekit train: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def make_runtime(pcfg: ParallelConfig, run_dir: Path, *, resume: bool, compare: bool) -> Runtime:
+    """A DistributedRuntime when started by torchrun (WORLD_SIZE in the environment), or when resuming a
+    DCP run on one process; a LocalRuntime for a plain single-process run."""
+    ep = pcfg.ep
+    if "WORLD_SIZE" not in os.environ:
+        if ep != 1:
+            raise ValueError(f"--ep {ep} needs a multiple of {ep} processes: add --nproc N or use torchrun")
+        if resume and RunDir(run_dir).has_dcp():
+            # imported only here: torch.distributed.checkpoint costs seconds of start-up on a plain run
+            from moekit.train.distributed import DistributedRuntime
+
+            return DistributedRuntime(None, run_dir)  # a distributed run, resumed on one process
+        return LocalRuntime()
+    if compare:
+        raise ValueError("--compare trains single-process runs; drop --nproc/--ep (or torchrun)")
+    from moekit.parallel import build_groups, init_distributed, pick_backend
+    from moekit.parallel.groups import destroy
+    from moekit.train.distributed import DistributedRuntime
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed(pick_backend(cuda), rank, world, pcfg.dist_timeout)
+    atexit.register(destroy)
+    groups = build_groups(ep)
+    if rank != 0:  # rank 0 reports; the others keep stderr for their own errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return DistributedRuntime(groups, run_dir)
