@@ -38,3 +38,13 @@ def world2(world4, ckpt_dir) -> dict:
     """2 ranks: layer parity (EP over 2), the ep=4 checkpoint loaded with ep=2."""
     res = _spawn.run(_run_workers.world2, 2, str(ckpt_dir), timeout=180)
     return {"ranks": [r["value"] for r in res]}
+
+
+@pytest.fixture(scope="session")
+def resume_world4(tiny_data, tmp_path_factory) -> dict:
+    """4 ranks: setup errors, 2N steps at ep=2 x dp=2, N steps + SIGTERM, resumes at ep=4 / ep=1 / no optimizer."""
+    import _resume_workers
+
+    base = tmp_path_factory.mktemp("resume")
+    res = _spawn.run(_resume_workers.resume_world4, 4, tiny_data, str(base), timeout=240)
+    return {"ranks": [r["value"] for r in res], "base": base}

@@ -11,6 +11,8 @@ import re
 from typing import Any
 
 import pytest
+import torch
+import transformers
 
 from moekit.spec import (
     PRESETS,
@@ -78,8 +80,6 @@ def _routed_weight(model_type: str, name: str, k: int, e: int) -> float:
 
 
 def _build(model_type: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
     auto = (transformers.AutoModelForSeq2SeqLM if model_type == "switch_transformers"
             else transformers.AutoModelForCausalLM)
@@ -210,7 +210,6 @@ def test_moekit_run_config_matches_moekit_model(overrides: dict[str, Any]) -> No
 def test_moekit_config_of_an_hf_model_matches_moekit_model(idx: int) -> None:
     """The ModelConfig moekit.hf makes of an HF config (MLA, q/k norm scope, o bias, dense_layers, score_func)
     and writes as a converted run's config.json, against the MoETransformer it builds."""
-    transformers = pytest.importorskip("transformers")
     from moekit.hf import config_from_hf
 
     model_type, kwargs = TINY[idx]
@@ -224,7 +223,6 @@ def test_moekit_config_of_an_hf_model_matches_moekit_model(idx: int) -> None:
 
 
 def _check_moekit_counts(cfg: Any) -> None:
-    torch = pytest.importorskip("torch")
     from moekit.model import MoETransformer
 
     with torch.device("meta"):

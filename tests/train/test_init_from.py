@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moekit.cli.generate import main as generate_main
@@ -105,7 +106,6 @@ def _bpe(text: str, specials: list[str], vocab_size: int = 280) -> Tokenizer:
 
 def _hf_mixtral(path, tok: Tokenizer, *, eos: int | None, bos: int | None, zero_final_norm: bool = False):
     """A tiny random Mixtral saved with transformers' save_pretrained, plus ``tok`` as tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=128, eos_token_id=eos,

@@ -112,8 +112,8 @@ def _state(step):
             "torch_rng": torch.get_rng_state()}
 
 
-@pytest.mark.parametrize("crash_at", ["torch.save", "replace 0 (manifest)", "replace 1 (model)",
-                                      "replace 2 (state)"])
+@pytest.mark.parametrize("crash_at", ["torch.save", "replace 0 (keep the previous checkpoint)",
+                                      "replace 1 (manifest)", "replace 2 (model)", "replace 3 (state)"])
 def test_a_crash_inside_a_save_leaves_a_loadable_checkpoint(crash_at, tmp_path, monkeypatch):
     """Simulate a SIGKILL at each point of save_checkpoint by raising there: loading then gives one whole
     checkpoint, the previous one (crash before the manifest is written) or the new one (after)."""
@@ -149,7 +149,7 @@ def test_a_crash_inside_a_save_leaves_a_loadable_checkpoint(crash_at, tmp_path, 
 
     fresh = MoETransformer(cfg)
     state = load_checkpoint(tmp_path, fresh)
-    step = 5 if crash_at in ("torch.save", "replace 0 (manifest)") else 10
+    step = 5 if crash_at.split(" (")[0] in ("torch.save", "replace 0", "replace 1") else 10
     assert state["step"] == step and int(state["data_rng"][0]) == step
     expected = old if step == 5 else new
     assert all(torch.equal(fresh.state_dict()[k], expected[k]) for k in expected)

@@ -37,7 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--no-compile", action="store_true",
                      help="skip the torch.compile'd moekit rows (compiling takes ~1 min per shape)")
     lay.add_argument("--json", help="write all timings here")
+    from moekit.bench.generate import add_parser as add_generate
+
+    add_generate(sub)
+    from moekit.bench.serve_run import add_arguments as add_serve
+
+    add_serve(sub.add_parser("serve", help="throughput and latency of `moekit serve` under concurrent load"))
     args = p.parse_args(argv)
+    if args.what == "serve":
+        from moekit.bench.serve_run import run as run_serve
+
+        return run_serve(args)
+    if args.what == "generate":
+        from moekit.bench.generate import run
+
+        return run(args)
 
     from moekit.bench.layer import SHAPE_GROUPS, SHAPES, bench_shape
     from moekit.runtime import configure

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("SRC and DST are the same directory")
         if is_moekit_dir(src):
             model, _ = load_any(src, args.dtype)
+            if getattr(model, "quant_spec", None) is not None:  # moekit.compress: no HF layout for packed experts
+                raise ValueError(f"{src} is quantized ({model.quant_spec.fmt}); convert the unquantized run")
             out = save_pretrained(model, dst, model_type=args.model_type, max_shard_size=args.max_shard_size)
             kind = json.loads((out / HF_CONFIG).read_text())["model_type"]
             what = f"moekit run directory -> Hugging Face {kind}"

@@ -32,49 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
                    help="stop at the end-of-document token (default: yes)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    from moekit.cli.offload import add_offload_args
+
+    add_offload_args(p)  # --expert-memory, --expert-cache, --prefetch, --read, --trace
     return p
 
 
 def _load(path: str) -> tuple[Any, Any]:
-    """(model, tokenizer). A moekit run directory goes through ``moekit.infer.load_run``, which checks the
-    weights against the checkpoint manifest and names the damaged file; any other directory (an HF model
-    directory) through ``moekit.hf.load_any`` when that package is present -- and so does a run directory
-    that keeps an HF model's config as hf_config.json (``moekit convert``, ``train --init-from``): its
-    tokenizer is the HF model's, which may have no <|endoftext|>, and its bos/eos ids are in that config."""
-    from moekit.infer.generate import load_run
+    """(model, tokenizer): ``moekit.infer.load.load_for_inference`` (shared with ``moekit serve``)."""
+    from moekit.infer.load import load_for_inference
 
-    try:
-        from moekit.hf import is_moekit_dir, load_any
-    except ImportError:  # moekit.hf is optional: run directories only
-        return load_run(path)
-    from moekit.rundir import RunDir
-
-    run = RunDir(path)
-    if not run.is_run() or (is_moekit_dir(path) and not run.hf_config_path.is_file()):
-        return load_run(path)
-    model, tok = load_any(path)
-    if tok is None:
-        raise FileNotFoundError(f"{path}: no tokenizer.json; generate needs one to encode the prompt")
-    return model, tok
+    return load_for_inference(path)
 
 
 def _special_ids(model: Any, tok: Any, path: str | None = None) -> tuple[int | None, int | None]:
-    """(start, end) token ids: moekit's document separator, else the HF config's bos/eos ids (the end, else
-    the eos token of ``path``'s tokenizer_config.json / config.json, as the training data separated them)."""
-    from moekit.data import EOT, document_separator
+    """(start, end) token ids: ``moekit.infer.load.special_ids``."""
+    from moekit.infer.load import special_ids
 
-    eot = tok.token_to_id(EOT)
-    if eot is not None:
-        return eot, eot
-    hf = getattr(model, "hf_config", None) or {}
-
-    def first(v):
-        return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
-
-    end = first(hf.get("eos_token_id"))
-    if end is None and path is not None:
-        end = document_separator(tok, path)
-    return first(hf.get("bos_token_id")), end
+    return special_ids(model, tok, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        model, tok = _load(args.run_dir)
+        if args.expert_memory is not None:  # routed experts stay on disk (moekit.infer.offload)
+            from moekit.cli.offload import load_offloaded_from_args
+
+            model, tok, offloaded = load_offloaded_from_args(args)
+        else:
+            (model, tok), offloaded = _load(args.run_dir), None
         start, end = _special_ids(model, tok, args.run_dir)
         prompt_ids = encode(tok, args.prompt) or ([start] if start is not None else [])
         if not prompt_ids:  # an empty prompt starts a new document, which needs a start token
@@ -108,4 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     how = "greedy" if args.temperature == 0 else f"seed {seed}"
     print(f"[generate] {how} | {len(new_ids)} new tokens in {dt:.2f}s "
           f"({len(new_ids) / max(dt, 1e-9):,.0f} tokens/s)", file=sys.stderr)
+    if offloaded is not None:
+        from moekit.cli.offload import report_offload
+
+        report_offload(args, offloaded)
     return 0

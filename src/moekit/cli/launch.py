@@ -1,13 +1,19 @@
 """Where `moekit train` runs: torchrun for --nproc, and the training Runtime for this process.
 
-The only reader of the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
+The only reader of the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) and of MOEKIT_STOP_FILE,
+the launcher's handshake: when SIGINT/SIGTERM stops the ranks (each checkpoints the agreed step and
+exits 130, which torchrun reports as a failure), rank 0 writes the step there and ``moekit train
+--nproc`` exits 130 like a one-process run.
 """
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,7 +38,33 @@ def launch_torchrun(argv: list[str], nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "moekit", "train", *rest]
     print("moekit train: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    fd, stop_file = tempfile.mkstemp(prefix="moekit-stop-", suffix=".json")
+    os.close(fd)
+    os.unlink(stop_file)  # rank 0 creates it only when the run stops on a signal
+    try:
+        rc = _wait(subprocess.Popen(cmd, env=dict(os.environ, MOEKIT_STOP_FILE=stop_file)))
+        if Path(stop_file).is_file():
+            step = json.loads(Path(stop_file).read_text()).get("step")
+            print(f"moekit train: interrupted; every rank checkpointed step {step} (the exit codes 130 above are "
+                  "theirs)", file=sys.stderr)
+            return 130
+        return rc
+    finally:
+        Path(stop_file).unlink(missing_ok=True)
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """Wait for torchrun; a SIGTERM is passed on to it, a Ctrl-C (which the ranks get too) is not repeated."""
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+           signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def make_runtime(pcfg: ParallelConfig, run_dir: Path, *, resume: bool, compare: bool) -> Runtime:
@@ -63,4 +95,5 @@ def make_runtime(pcfg: ParallelConfig, run_dir: Path, *, resume: bool, compare: 
     groups = build_groups(ep)
     if rank != 0:  # rank 0 reports; the others keep stderr for their own errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    return DistributedRuntime(groups, run_dir)
+    stop_file = os.environ.get("MOEKIT_STOP_FILE") if rank == 0 else None
+    return DistributedRuntime(groups, run_dir, stop_file=Path(stop_file) if stop_file else None)

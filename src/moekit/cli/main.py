@@ -12,9 +12,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("moekit.cli.generate", "sample text from a run directory"),
     "bench": ("moekit.bench.cli", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
     "spec": ("moekit.spec.cli", "total/active parameters, FLOPs and memory of a model"),
+    "new": ("moekit.spec.new", "write a random model of a preset's real dimensions (sharded run directory)"),
     "convert": ("moekit.cli.convert", "convert a moekit run directory <-> a Hugging Face model directory"),
     "inspect": ("moekit.cli.inspect", "what each expert is routed: top tokens, kinds of text, expert persistence"),
     "report": ("moekit.cli.report", "HTML report of runs: losses, expert load, routing health, specialization"),
+    "quantize": ("moekit.cli.quantize", "int8 / int4 weight-only quantization of the routed experts"),
+    "prune": ("moekit.cli.prune", "remove experts per layer by routing frequency or REAP"),
+    "upcycle": ("moekit.cli.upcycle", "dense run -> MoE run computing exactly the dense model at step 0"),
+    "serve": ("moekit.serve.cli", "OpenAI-compatible HTTP server: continuous batching, streaming, MoE metrics"),
 }
 
 

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the defaults, under the flags (default none)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR up to --steps, with its "
                    "own configs; only training flags apply (default none)")
+    r.add_argument("--from-step", type=int, metavar="S", help="with --resume: continue from the kept checkpoint "
+                   "of step S (see --keep-checkpoints) instead of the latest (default none: the latest)")
     r.add_argument("--dense", action="store_true", help="train the dense baseline: one SwiGLU MLP per layer "
                    "as wide as the active experts, the same active parameters (default off)")
     r.add_argument("--compare", action="store_true", help="train MoE and its dense baseline with the same "
@@ -217,7 +219,8 @@ def _resume(given: dict[str, Any], pcfg: ParallelConfig) -> int:
     tok_path = run.tokenizer_path if run.init_path.is_file() else None
     data = rt.rank0_first(lambda: prepare_data(run.data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes,
                                                tokenizer_path=tok_path))
-    res = train(mcfg, tcfg, rt.own_dir(run.path), data, resume=True, label=run.path.name, runtime=rt)
+    res = train(mcfg, tcfg, rt.own_dir(run.path), data, resume=True, from_step=given.get("from_step"),
+                label=run.path.name, runtime=rt)
     _report(res)
     return 130 if res.interrupted else 0
 
@@ -229,6 +232,8 @@ def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
     from moekit.train.loop import train
 
     given = vars(ns)
+    if "from_step" in given:
+        raise ValueError("--from-step S picks the checkpoint a --resume continues from: add --resume RUN")
     init = None
     if "init_from" in given:
         from moekit.train.init import load_init

@@ -15,8 +15,9 @@ from moekit.config.moe import (
     TOKEN_CHOICE_ROUTERS,
     MoEConfig,
 )
+from moekit.config.quant import QuantSpec
 from moekit.config.train import ParallelConfig, TrainConfig
 
-__all__ = ["ACTIVATIONS", "DROP_POLICIES", "EXPERT_IMPLS", "QK_NORM_SCOPES", "ROUTERS", "SCORE_FUNCS",
+__all__ = ["QuantSpec", "ACTIVATIONS", "DROP_POLICIES", "EXPERT_IMPLS", "QK_NORM_SCOPES", "ROUTERS", "SCORE_FUNCS",
            "TOKEN_CHOICE_ROUTERS", "ConfigBase", "MLAConfig", "MoEConfig", "ModelConfig", "ParallelConfig",
            "TrainConfig", "config_fields", "setting", "training_only_fields"]

@@ -27,6 +27,8 @@ class TrainConfig(ConfigBase):
     eval_interval: int = setting(100, "validate every this many steps (and at the last)")
     eval_batches: int = setting(16, "validation batches per evaluation")
     ckpt_interval: int = setting(100, "checkpoint every this many steps (and at the last)")
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk, the latest included (older ones under "
+                                    "checkpoints/step-S: resume one with --from-step S)")
     log_every: int = setting(1, "write a metrics line every this many steps")
     seed: int = setting(0, "seed of the model init, data order and routing noise")
     data: str | None = setting(None, "training text: a file, a folder of files or a .jsonl of "
@@ -46,7 +48,7 @@ class TrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "ckpt_interval",
-                     "log_every", "vocab_size", "collapse_window"):
+                     "log_every", "vocab_size", "collapse_window", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")

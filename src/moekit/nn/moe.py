@@ -166,13 +166,15 @@ class MoELayer(nn.Module):
         dropped = (~keep_A).sum() if valid_A is None else (valid_A & ~keep_A).sum()
         return keep_A, dropped
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> MoEOutput:
+        """``generator``: where a training router draws its noise / jitter (None = torch's global RNG)."""
         self._check(x, token_mask)
         E = self.cfg.num_experts
         # 1. the rows to route: padding is neither routed to an expert, nor computed, nor counted
         rows = self._rows(x, token_mask)
         # 2. route in fp32
-        routing = self.router(rows.x_nD)
+        routing = self.router(rows.x_nD, generator)
         a = R.assignments(routing)
         valid_A = None if rows.mask_T is None else rows.mask_T[a.token_A]
         # 3. capacity: drop assignments beyond each expert's C slots (marked by expert id E)

@@ -27,7 +27,10 @@ __all__ = ["CommMeter", "all_to_all", "exchange_counts"]
 class CommMeter:
     """Running totals of one rank's all-to-all traffic; the trainer reads and resets it every step.
 
-    ``bytes_sent`` counts rows sent to *other* ranks (rows a rank keeps never touch the network);
+    ``bytes_sent`` counts the token rows (D-wide activations forward, their gradients backward) sent to
+    *other* ranks, rows x D x element size (rows a rank keeps never touch the network); the per-expert
+    counts exchanged before each dispatch (W x L integers) are bookkeeping, in ``calls`` and ``seconds``
+    but not in the bytes, so the bytes are exactly what routing sends;
     ``seconds`` is the wall time inside the blocking collective (gloo on CPU is synchronous; on CUDA
     with NCCL it is the launch time unless the caller synchronises).
     """
@@ -47,7 +50,7 @@ class CommMeter:
 
 
 def _exchange(x_RD: Tensor, out_splits: list[int], in_splits: list[int], group: Any,
-              meter: CommMeter | None) -> Tensor:
+              meter: CommMeter | None, *, rows: bool = True) -> Tensor:
     x_RD = x_RD.contiguous()
     out_RD = x_RD.new_empty((sum(out_splits), *x_RD.shape[1:]))
     me = dist.get_rank(group)
@@ -55,11 +58,12 @@ def _exchange(x_RD: Tensor, out_splits: list[int], in_splits: list[int], group: 
     collective("expert-parallel all-to-all",
                lambda: dist.all_to_all_single(out_RD, x_RD, out_splits, in_splits, group=group))
     if meter is not None:
-        row = math.prod(x_RD.shape[1:]) * x_RD.element_size()
         meter.seconds += time.perf_counter() - t0
-        meter.bytes_sent += (sum(in_splits) - in_splits[me]) * row
-        meter.bytes_received += (sum(out_splits) - out_splits[me]) * row
         meter.calls += 1
+        if rows:  # token rows; not the counts exchange (see CommMeter)
+            row = math.prod(x_RD.shape[1:]) * x_RD.element_size()
+            meter.bytes_sent += (sum(in_splits) - in_splits[me]) * row
+            meter.bytes_received += (sum(out_splits) - out_splits[me]) * row
     return out_RD
 
 
@@ -90,4 +94,4 @@ def all_to_all(x_RD: Tensor, out_splits: list[int], in_splits: list[int], group:
 def exchange_counts(send_WL: Tensor, group: Any, meter: CommMeter | None = None) -> Tensor:
     """send_WL[j, e]: rows for local expert e of rank j -> recv_WL[i, e]: rows rank i sends to my expert e."""
     W = send_WL.shape[0]
-    return _exchange(send_WL.contiguous(), [1] * W, [1] * W, group, meter)
+    return _exchange(send_WL.contiguous(), [1] * W, [1] * W, group, meter, rows=False)

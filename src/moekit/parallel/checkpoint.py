@@ -7,9 +7,11 @@ DCP as a DTensor over the (dp, ep) mesh, ``[Replicate(), Shard(0)]`` — the L l
 and on load reads, for whatever layout the loader has (another ep, or one process with plain full
 tensors), exactly the rows it needs. So a run saved with ep=4 resumes with ep=2 or on one process.
 
-Directory: ``<dir>/.metadata``, ``<dir>/__<rank>_0.distcp`` and ``<dir>/moekit.json`` (step, layout).
-Saves go to ``<dir>.tmp`` and are renamed into place by rank 0, the previous one kept as ``<dir>.old``
-until the rename is done, so an interrupted save never replaces a good checkpoint with a torn one.
+Directory: ``<dir>/.metadata``, ``<dir>/__<rank>_0.distcp`` and ``<dir>/moekit.json`` (step, layout,
+and the sha256 of every other file, checked before any load: a flipped bit is an error naming the file,
+never silently wrong weights). Saves go to ``<dir>.tmp`` and are renamed into place by rank 0, the
+previous one kept as ``<dir>.old`` until the rename is done, so an interrupted save never replaces a good
+checkpoint with a torn one (``resolve_dcp_dir`` falls back to ``.old``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from torch import Tensor, nn
 
 from moekit.nn.moe import expert_parameter_ids
 from moekit.parallel.groups import ParallelGroups, barrier, collective
-from moekit.rundir import atomic_write, atomic_write_json
+from moekit.rundir import CheckpointError, atomic_write, atomic_write_json
+from moekit.rundir.checkpoints import file_digest
 
 __all__ = ["export_dcp_to_safetensors", "load_dcp", "read_dcp_info", "resolve_dcp_dir", "save_dcp"]
 
@@ -36,6 +39,37 @@ INFO_FILE = "moekit.json"
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _digests(d: Path) -> dict[str, str]:
+    """sha256 of every file DCP wrote in ``d`` (not moekit.json, which records them)."""
+    return {p.name: file_digest(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != INFO_FILE}
+
+
+def _verify(src: Path, on_all_ranks: bool) -> None:
+    """Check the files of ``src`` against the digests recorded at save; raise CheckpointError naming the file.
+
+    ``on_all_ranks``: collective — rank r hashes every W-th file and all ranks raise the same error.
+    A checkpoint saved before digests were recorded is not checked.
+    """
+    want = read_dcp_info(src).get("sha256")
+    if not want:
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if on_all_ranks else (0, 1)
+    problems = []
+    for name in sorted(want)[rank::world]:
+        f = src / name
+        got = file_digest(f) if f.is_file() else "missing"
+        if got != want[name]:
+            problems.append(f"{f}: sha256 {got} does not match {want[name]}, recorded at save in {src / INFO_FILE}")
+    if on_all_ranks:
+        every: list[Any] = [None] * world
+        collective("checking the checkpoint's sha256 digests", lambda: dist.all_gather_object(every, problems))
+        problems = [p for part in every for p in part]
+    if problems:
+        raise CheckpointError(f"the distributed checkpoint is corrupt: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else "")
+                              + "; nothing was loaded")
 
 
 @contextlib.contextmanager
@@ -115,7 +149,7 @@ def save_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
                    lambda: dcp.save(sd, checkpoint_id=str(tmp), no_dist=not _dist_on()))
     if main:
         meta = dict(info or {}, format="moekit-dcp", world_size=dist.get_world_size() if _dist_on() else 1,
-                    ep_size=groups.ep_size if groups is not None else 1)
+                    ep_size=groups.ep_size if groups is not None else 1, sha256=_digests(tmp))
         atomic_write_json(tmp / INFO_FILE, meta)
         if path.exists():
             if old.exists():
@@ -151,6 +185,7 @@ def load_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
     ``extra``: name -> template tensor of the extra entries to read. Returns them loaded.
     """
     src = resolve_dcp_dir(path)
+    _verify(src, on_all_ranks=_dist_on())
     sd, pairs = _state(model, opt, groups, extra, copy=True)
     try:
         with _single_process_ok():
@@ -176,6 +211,7 @@ def export_dcp_to_safetensors(dcp_dir: str | Path, out_file: str | Path) -> Path
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     src = resolve_dcp_dir(dcp_dir)
+    _verify(src, on_all_ranks=False)
     md = FileSystemReader(str(src)).read_metadata()
     want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata) and (k.startswith("model.") or k == "extra.step")}

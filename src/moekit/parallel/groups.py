@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +35,7 @@ __all__ = [
     "config_digest",
     "destroy",
     "init_distributed",
+    "lost_ranks",
     "pick_backend",
 ]
 
@@ -42,11 +46,61 @@ class CollectiveError(RuntimeError):
     """A collective failed: another rank exited, hung past the timeout, or disagrees with this one."""
 
 
+@dataclass(frozen=True)
+class _World:
+    """Who the peers are, recorded by :func:`init_distributed`: lets an error name a rank that died.
+
+    Process-wide like the default process group itself (the all-to-all's autograd function, which
+    raises the error, holds no groups object).
+    """
+
+    procs: tuple[tuple[str, int], ...]  # rank -> (hostname, pid)
+    timeout_s: float
+
+
+_WORLD: list[_World] = []  # [] before init_distributed (e.g. a process group made by someone else)
+
+
+def _process_gone(pid: int) -> bool:
+    """The process has exited (or is a zombie not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc: ask the kernel (a zombie then counts as alive)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def lost_ranks(wait_s: float = 1.0) -> list[int]:
+    """The ranks on this host whose process has exited; waits up to ``wait_s`` for one to show up.
+
+    A peer's socket closes as it dies, a moment before the kernel marks it exited. Ranks on other hosts
+    cannot be checked and are never reported.
+    """
+    if not _WORLD:
+        return []
+    host, me = socket.gethostname(), os.getpid()
+    mine = [(r, pid) for r, (h, pid) in enumerate(_WORLD[0].procs) if h == host and pid != me]
+    deadline = time.monotonic() + wait_s
+    while True:
+        lost = [r for r, pid in mine if _process_gone(pid)]
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.05)
+
+
 def collective(what: str, fn: Callable[[], T], group: Any = None) -> T:
     """Run one collective; turn the backend's error (a dead peer, a timeout) into a message that says so.
 
-    gloo notices a peer that exited at once (its socket closes); a peer that is alive but never joins
-    is detected after the timeout given to :func:`init_distributed`.
+    gloo notices a peer that exited at once (its socket closes): the error names the lost rank. A peer
+    that is alive but never joins is detected after the timeout given to :func:`init_distributed`.
     """
     try:
         return fn()
@@ -54,11 +108,17 @@ def collective(what: str, fn: Callable[[], T], group: Any = None) -> T:
         if isinstance(e, CollectiveError):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
-        raise CollectiveError(
-            f"rank {rank}: {what} failed: another rank exited or did not answer within the process-group "
-            f"timeout ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
-            "this rank stops too — see the first failing rank's own error above"
-        ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        detail = f"{type(e).__name__}: {first[:240]}"  # gloo's messages run on (advice, "GLHF")
+        lost = lost_ranks()
+        if lost:
+            procs = _WORLD[0].procs
+            who = ", ".join(f"rank {r} (pid {procs[r][1]})" for r in lost)
+            cause = f"lost {who}: its process exited or was killed"
+        else:
+            timeout = f" ({_WORLD[0].timeout_s:g} s)" if _WORLD else ""
+            cause = f"another rank exited or did not answer within the process-group timeout{timeout}"
+        raise CollectiveError(f"rank {rank}: {what} failed: {cause} ({detail}); this rank stops too") from e
 
 
 def pick_backend(cuda_available: bool) -> str:
@@ -76,9 +136,14 @@ def init_distributed(backend: str, rank: int, world_size: int, timeout_s: float 
         raise ValueError(f"timeout_s={timeout_s} must be > 0")
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
+    procs: list[Any] = [None] * world_size
+    collective("exchanging the ranks' process ids",
+               lambda: dist.all_gather_object(procs, (socket.gethostname(), os.getpid())))
+    _WORLD[:] = [_World(tuple(tuple(p) for p in procs), timeout_s)]
 
 
 def destroy() -> None:
+    _WORLD.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 

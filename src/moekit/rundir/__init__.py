@@ -35,6 +35,8 @@ from moekit.rundir.files import (
                                  MANIFEST_FILE,
                                  METRICS_FILE,
                                  MODEL_FILE,
+                                 MODEL_INDEX_FILE,
+                                 QUANT_FILE,
                                  RANKS_DIR,
                                  STATE_FILE,
                                  TOKENIZER_FILE,
@@ -44,11 +46,12 @@ from moekit.rundir.files import (
                                  atomic_write_json,
 )
 from moekit.rundir.run import RunDir, load_checkpoint, read_manifest, save_checkpoint
+from moekit.rundir.shards import ShardReader
 from moekit.rundir.weights import CheckpointError, load_weights, materialise, save_weights
 
 __all__ = [
     "CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
-    "MODEL_FILE", "RANKS_DIR", "STATE_FILE", "TOKENIZER_FILE", "TRAIN_CONFIG_FILE",
-    "CheckpointError", "RunDir", "atomic_copy", "atomic_write", "atomic_write_json", "load_checkpoint",
+    "MODEL_FILE", "MODEL_INDEX_FILE", "QUANT_FILE", "RANKS_DIR", "STATE_FILE", "TOKENIZER_FILE", "TRAIN_CONFIG_FILE",
+    "CheckpointError", "RunDir", "ShardReader", "atomic_copy", "atomic_write", "atomic_write_json", "load_checkpoint",
     "load_weights", "materialise", "read_manifest", "save_checkpoint", "save_weights",
 ]

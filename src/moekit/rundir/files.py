@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
-           "MODEL_FILE", "RANKS_DIR", "STATE_FILE", "TOKENIZER_FILE", "TRAIN_CONFIG_FILE", "atomic_copy",
+           "MODEL_FILE", "MODEL_INDEX_FILE", "QUANT_FILE", "RANKS_DIR", "STATE_FILE", "TOKENIZER_FILE",
+           "TRAIN_CONFIG_FILE", "atomic_copy",
            "atomic_write", "atomic_write_json"]
 
 CONFIG_FILE = "config.json"
@@ -20,6 +21,8 @@ TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_FILE = "model.safetensors"
+MODEL_INDEX_FILE = "model.safetensors.index.json"  # the weights in shards instead (e.g. `moekit new`)
+QUANT_FILE = "quantization.json"  # the weights are quantized (moekit quantize): their format
 STATE_FILE = "train_state.pt"
 MANIFEST_FILE = "trainer_state.json"
 DCP_DIR = "dcp"

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from moekit.config import ModelConfig, TrainConfig
+from moekit.rundir import checkpoints as ckpt
 from moekit.rundir.files import (
     CONFIG_FILE,
     DATA_DIR,
@@ -23,22 +22,21 @@ from moekit.rundir.files import (
     MANIFEST_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    MODEL_INDEX_FILE,
+    QUANT_FILE,
     RANKS_DIR,
     STATE_FILE,
     TOKENIZER_FILE,
     TRAIN_CONFIG_FILE,
-    _commit,
-    _write_synced,
     atomic_copy,
     atomic_write,
     atomic_write_json,
 )
+from moekit.rundir.quantized import load_quantized
+from moekit.rundir.shards import ShardReader
 from moekit.rundir.weights import (
     CheckpointError,
     _check_match,
-    _open_weights,
-    _state_tensors,
-    load_weights,
     materialise,
     save_weights,
 )
@@ -90,8 +88,9 @@ class RunDir:
         return self.manifest_path.is_file()
 
     def has_dcp(self) -> bool:
-        """Whether a distributed checkpoint is there (read it with moekit.parallel.checkpoint, at ``dcp_dir``)."""
-        return self.dcp_dir.is_dir()
+        """Whether a distributed checkpoint is there (read it with moekit.parallel.checkpoint, at ``dcp_dir``):
+        also when only ``dcp.old`` is left, by a distributed save interrupted between its two renames."""
+        return self.dcp_dir.is_dir() or self.dcp_dir.with_name(self.dcp_dir.name + ".old").is_dir()
 
     # -- configs ----------------------------------------------------------------------------------
     def _read_json(self, path: Path, what: str) -> dict[str, Any]:
@@ -168,56 +167,25 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_copy(src, self.tokenizer_path)
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    # -- checkpoints (moekit.rundir.checkpoints) ---------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
-        path = self.manifest_path
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no checkpoint manifest; is {self.path} a moekit run directory?")
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: damaged manifest ({e})") from e
+        return ckpt.read_manifest(self.path)
 
-    def save_checkpoint(self, model: nn.Module, train_state: dict[str, Any], step: int) -> None:
-        """Write weights and optimizer/RNG state, commit them with the manifest (see the module docstring)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        # renaming each file as it is written would destroy the previous checkpoint before the new manifest
-        # exists (a SIGKILL there left files of two steps); the manifest is the commit point instead
-        tmps = {name: self.path / (name + ".tmp") for name in (MODEL_FILE, STATE_FILE)}
-        _write_synced(tmps[MODEL_FILE], lambda tmp: save_file(_state_tensors(model), str(tmp),
-                                                              metadata={"step": str(step)}))
-        _write_synced(tmps[STATE_FILE], lambda tmp: torch.save({"step": step, **train_state}, tmp))
-        manifest = {"step": step, "files": {name: tmp.stat().st_size for name, tmp in tmps.items()}}
-        atomic_write_json(self.manifest_path, manifest)
-        for name, tmp in tmps.items():
-            _commit(tmp, self.path / name)
+    def save_checkpoint(self, model: nn.Module, train_state: dict[str, Any], step: int, keep: int = 2) -> None:
+        """Write, checksum and commit a checkpoint of ``step``; keep ``keep`` checkpoints in all."""
+        ckpt.save(self.path, model, train_state, step, keep)
 
-    def _roll_forward(self, manifest: dict[str, Any]) -> None:
-        """Finish a save that was interrupted after its manifest was written (step 3 of save_checkpoint)."""
-        for name in manifest["files"]:
-            tmp = self.path / (name + ".tmp")
-            if tmp.is_file() and _file_step(tmp) == manifest["step"]:
-                _commit(tmp, self.path / name)
+    def load_checkpoint(self, model: nn.Module, step: int | None = None) -> dict[str, Any]:
+        """Verify and load the latest checkpoint (or the kept one of ``step``); return the train state."""
+        return ckpt.load(self.path, model, step)
 
-    def load_checkpoint(self, model: nn.Module) -> dict[str, Any]:
-        """Verify and load a checkpoint into ``model``; return the train state (optimizer, RNG, step)."""
-        manifest = self.read_manifest()
-        self._roll_forward(manifest)
-        for name, size in manifest["files"].items():
-            p = self.path / name
-            if not p.is_file():
-                raise CheckpointError(f"{p}: missing (the manifest of step {manifest['step']} lists it)")
-            _check_size(p, size, manifest)
-        meta = load_weights(model, self.model_path)
-        try:
-            state = torch.load(self.state_path, weights_only=True)
-        except Exception as e:  # any unpickling failure means a damaged file
-            raise CheckpointError(f"{self.state_path}: cannot load ({e})") from e
-        steps = {"manifest": manifest["step"], MODEL_FILE: int(meta.get("step", -1)), STATE_FILE: state.get("step")}
-        if len(set(steps.values())) != 1:
-            raise CheckpointError(f"{self.path}: checkpoint files disagree on the step {steps}; "
-                                  "the last save was interrupted — restore the files from one checkpoint")
-        return state
+    def kept_checkpoint_steps(self) -> list[int]:
+        """Steps of the older checkpoints kept beside the latest, newest first."""
+        return ckpt.kept_steps(self.path)
+
+    def promote_checkpoint(self, step: int) -> None:
+        """Make the kept checkpoint of ``step`` the latest (the newer ones are moved aside, not deleted)."""
+        ckpt.promote(self.path, step)
 
     # -- the run as a model -----------------------------------------------------------------------
     def save_model(self, model: MoETransformer) -> None:
@@ -249,19 +217,30 @@ class RunDir:
         if weights.is_file() and self.has_checkpoint():
             try:
                 manifest = self.read_manifest()
-                expected = manifest["files"][MODEL_FILE]
-            except (CheckpointError, KeyError, TypeError):
-                expected = None
-            if expected is not None:
-                _check_size(weights, expected, manifest)
+            except CheckpointError:
+                manifest = None  # a damaged manifest does not stop inference: the file itself is still checked
+            if manifest is not None and MODEL_FILE in manifest["files"]:
+                # the size only: a checksum would read every byte of a large model once more (resume checks it)
+                ckpt.check_file(self.path, manifest, MODEL_FILE, digest=False)
+
+        if not weights.is_file() and not (self.path / MODEL_INDEX_FILE).is_file():
+            raise CheckpointError(f"{weights}: no such weights file")
+        if (self.path / QUANT_FILE).is_file():  # quantized experts: swapped-in modules, read as stored
+            return load_quantized(self, dtype)
 
         def fill(meta_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            with _open_weights(weights) as f:
-                _check_match(weights, {k: tuple(t.shape) for k, t in meta_state.items()},
-                             {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, strict=True)  # noqa: SIM118
+            # one file or an index and its shards (moekit new writes one shard per layer)
+            try:
+                reader = ShardReader(self.path)
+            except ValueError as e:
+                raise CheckpointError(f"{e}") from e
+            with reader:
+                _check_match(self.path / (MODEL_FILE if weights.is_file() else MODEL_INDEX_FILE),
+                             {k: tuple(t.shape) for k, t in meta_state.items()},
+                             {k: reader.shape(k) for k in reader}, strict=True)
                 state = {}
                 for k in meta_state:
-                    x = f.get_tensor(k)
+                    x = reader.get(k)
                     keep = dtype is None or not x.is_floating_point() or k.endswith("expert_bias")
                     state[k] = x if keep else x.to(dtype)
             return state
@@ -271,24 +250,6 @@ class RunDir:
         if hf is not None:
             model.hf_config = hf
         return model
-
-
-def _check_size(path: Path, size: int, manifest: dict[str, Any]) -> None:
-    actual = path.stat().st_size
-    if actual != size:
-        raise CheckpointError(f"{path}: {actual} bytes but the manifest of step {manifest.get('step')} says {size}: "
-                              "the file is truncated or from another checkpoint")
-
-
-def _file_step(path: Path) -> int | None:
-    """The step recorded inside a checkpoint file (None if unreadable, e.g. a half-written .tmp)."""
-    try:
-        if path.name.startswith(MODEL_FILE):
-            with safe_open(str(path), "pt") as f:
-                return int((f.metadata() or {}).get("step", -1))
-        return int(torch.load(path, weights_only=True).get("step", -1))
-    except Exception:  # noqa: BLE001 - any failure means "not a complete file of a known step"
-        return None
 
 
 # the same operations on a run directory given as a path

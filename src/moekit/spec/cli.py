@@ -205,6 +205,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         name, cfg = load_target(args.target)
         s = summary(count_params(cfg), args.seq_len, name=name)
+        if Path(args.target).is_dir() and RunDir(args.target).model_path.is_file():
+            from moekit.spec.quant import quant_summary  # bytes as stored (a quantized run: its format)
+
+            s["stored"] = quant_summary(args.target)
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         print(f"moekit spec: error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ from moekit.parallel import (
 from moekit.parallel import clip_grad_norm_ as _clip_grad_norm
 from moekit.parallel import sync_gradients as _sync_gradients
 from moekit.parallel.groups import all_gather_tensor, all_reduce_, barrier
-from moekit.rundir import RunDir
+from moekit.rundir import RunDir, atomic_write_json
 from moekit.train.progress import Progress
 from moekit.train.runtime import StepReduction
 
@@ -68,8 +68,10 @@ class DistributedRuntime:
 
     groups: ParallelGroups | None
     run_dir: Path  # the shared run directory (rank 0's): holds the DCP checkpoint
+    stop_file: Path | None = None  # rank 0 writes {"step"} there after the checkpoint of an agreed stop
     meter: CommMeter | None = field(default=None, init=False)
     seed: int = field(default=0, init=False)
+    stopping: bool = field(default=False, init=False)
 
     # -- where am I -------------------------------------------------------------------------------
     @property
@@ -171,7 +173,9 @@ class DistributedRuntime:
             return sig
         t = torch.tensor([0.0 if sig is None else 1.0])
         all_reduce_(t, "stop-flag all-reduce")
-        return sig if sig is not None else (signal.SIGTERM if t.item() > 0 else None)
+        agreed = sig if sig is not None else (signal.SIGTERM if t.item() > 0 else None)
+        self.stopping = agreed is not None
+        return agreed
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Any, cfg: Any) -> float:
@@ -195,9 +199,14 @@ class DistributedRuntime:
         save_dcp(self.ckpt_dir, model, opt, self.groups,
                  extra={"step": torch.tensor(step, dtype=torch.int64), "data_rng": gen.get_state()},
                  info={"step": step})
+        if self.stopping and self.stop_file is not None:  # the collective save is done on every rank
+            atomic_write_json(self.stop_file, {"step": step, "checkpoint": str(self.ckpt_dir)})
 
-    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer,
+                        step: int | None = None) -> dict[str, Any]:
         """Load (resharding experts to this layout); return the state the loop restores."""
+        if step is not None:
+            raise ValueError(f"--from-step {step}: a distributed run keeps its latest checkpoint only ({self.ckpt_dir})")
         templates = {"step": torch.tensor(0, dtype=torch.int64), "data_rng": torch.Generator().get_state()}
         extra = load_dcp(self.ckpt_dir, model, opt, self.groups, extra=templates)
         return {"data_rng": extra["data_rng"], "torch_rng": torch.get_rng_state(), "step": int(extra["step"])}

@@ -123,7 +123,7 @@ class _Session:
 
 
 def _setup(model_cfg: ModelConfig, cfg: TrainConfig, run: RunDir, data: DataInfo, resume: bool,
-           init_state: dict[str, torch.Tensor] | None, runtime: Runtime) -> _Session:
+           from_step: int | None, init_state: dict[str, torch.Tensor] | None, runtime: Runtime) -> _Session:
     """1. build the model from the seed (or the given weights) and lay it out; 2. optimizer and data RNG;
     3. restore a checkpoint, or write the new run's configs; 4. the data and the collapse monitor."""
     run.path.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, run: RunDir, data: DataInfo
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume:
-        state = runtime.load_checkpoint(run, model, opt)
+        state = runtime.load_checkpoint(run, model, opt, from_step)
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
@@ -205,13 +205,14 @@ def _after_step(s: _Session, step: int, rec: dict[str, Any], metrics: Any) -> fl
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data: DataInfo, *, resume: bool = False,
-          init_state: dict[str, torch.Tensor] | None = None, label: str = "train",
+          from_step: int | None = None, init_state: dict[str, torch.Tensor] | None = None, label: str = "train",
           on_step: Callable[[int, dict], None] | None = None, runtime: Runtime | None = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir`` up to ``cfg.steps`` total steps.
 
+    ``resume`` continues from the latest checkpoint, or with ``from_step`` from the kept one of that step.
     ``runtime``: where the run executes (default :class:`LocalRuntime`; ``DistributedRuntime`` for
     expert/data-parallel runs). SIGINT/SIGTERM finish the current step, checkpoint and return."""
-    s = _setup(model_cfg, cfg, RunDir(run_dir), data, resume, init_state, runtime or LocalRuntime())
+    s = _setup(model_cfg, cfg, RunDir(run_dir), data, resume, from_step, init_state, runtime or LocalRuntime())
     stop: dict[str, int | None] = {"signal": None}
 
     def handler(signum, frame):

@@ -63,8 +63,10 @@ class Runtime(Protocol):
     def save_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                         step: int) -> None: ...
 
-    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        """Load model and optimizer; return ``{"data_rng", "torch_rng", "step"}``."""
+    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer,
+                        step: int | None = None) -> dict[str, Any]:
+        """Load model and optimizer from the latest checkpoint (or the kept one of ``step``); return
+        ``{"data_rng", "torch_rng", "step"}``."""
 
     def last_checkpoint_step(self, run: RunDir) -> int | None: ...
 
@@ -94,9 +96,10 @@ class LocalRuntime:
 
     rank = 0
     is_main = True
+    keep = 2  # checkpoints kept on disk (TrainConfig.keep_checkpoints, set by setup)
 
     def setup(self, model: nn.Module, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-        pass
+        self.keep = cfg.keep_checkpoints
 
     def progress(self, label: str, total: int, start: int) -> Progress:
         return Progress(label, total, start)
@@ -124,11 +127,14 @@ class LocalRuntime:
     def save_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                         step: int) -> None:
         run.save_checkpoint(model, {"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                                    "torch_rng": torch.get_rng_state()}, step)
+                                    "torch_rng": torch.get_rng_state()}, step, self.keep)
 
-    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        state = run.load_checkpoint(model)
+    def load_checkpoint(self, run: RunDir, model: nn.Module, opt: torch.optim.Optimizer,
+                        step: int | None = None) -> dict[str, Any]:
+        state = run.load_checkpoint(model, step)
         opt.load_state_dict(state["optimizer"])
+        if step is not None:  # the kept checkpoint becomes the latest; the newer ones are moved aside
+            run.promote_checkpoint(step)
         return state
 
     def last_checkpoint_step(self, run: RunDir) -> int | None:

@@ -1,0 +1,218 @@
+"""The driver of `moekit bench serve`: servers, levels, the in-process baseline, tables and JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from moekit.bench.serve import (
+    ServerProcess,
+    agreement,
+    make_workload,
+    metrics_work_per_step,
+    run_level,
+    summarize,
+)
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", metavar="DIR", help="a run / HF directory to serve (or give --url)")
+    p.add_argument("--url", help="benchmark a server that is already running (http://host:port)")
+    p.add_argument("--api-key", default=None, help="bearer token of that server")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="serve two runs the same workload")
+    p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default 1,2,4,8)")
+    p.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (~4 characters each with --url)")
+    p.add_argument("--output-len", type=int, default=64, help="tokens generated per request (eos ignored)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--rounds", type=int, default=1, help="run every level this many times, interleaved")
+    p.add_argument("--threads", type=int, default=2, help="server intra-op threads (default 2)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--deterministic", action="store_true", help="serve with --deterministic")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra `moekit serve` argument (repeatable)")
+    p.add_argument("--metrics-cost", type=int, default=0, metavar="ROUNDS",
+                   help="also time ROUNDS alternating runs with metrics on / off (--no-metrics --stats-interval 0)"
+                        " at the highest concurrency")
+    p.add_argument("--no-baseline", action="store_true", help="skip the in-process generate() baseline")
+    p.add_argument("--json", help="write every figure here")
+
+
+def _load_model(path: str, threads: int):
+    import torch
+
+    from moekit.infer.load import load_for_inference
+
+    torch.set_num_threads(threads)
+    model, tok = load_for_inference(path)
+    return model, tok, {"params": model.num_params(), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+
+
+def _generate_per_token(model, prompts: list[list[int]], output_len: int) -> float:
+    """In-process generate() time per output token, prefill excluded: median over (up to 6) prompts."""
+    import torch
+
+    from moekit.infer import generate
+
+    per_token = []
+    for ids in prompts[:6]:
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        generate(model, x, 1, temperature=0)
+        t1 = time.perf_counter()
+        generate(model, x, output_len, temperature=0)
+        t2 = time.perf_counter()
+        per_token.append(((t2 - t1) - (t1 - t0)) / (output_len - 1))
+    return sorted(per_token)[len(per_token) // 2]
+
+
+def _token_prompts(tok, texts: list[str], n_tokens: int) -> list[list[int]]:
+    from moekit.data import encode
+
+    out = []
+    for t in texts:
+        ids = encode(tok, t)
+        while len(ids) < n_tokens:
+            ids = ids + ids
+        out.append(ids[:n_tokens])
+    return out
+
+
+def _serve_args(args) -> list[str]:
+    out = ["--threads", str(args.threads), "--max-batch", str(args.max_batch)]
+    return out + (["--deterministic"] if args.deterministic else []) + list(args.serve_arg)
+
+
+def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dict, list[float]]:
+    """Every level, ``args.rounds`` times interleaved (a shared machine's load drifts between levels); a
+    level's figures pool its rounds. With ``model``, generate()'s time per token is measured each round."""
+    run_level(url, prompts[:2], min(8, args.output_len), 1, api_key=args.api_key)  # warm up
+    pooled = {c: ([], 0.0) for c in levels}
+    baseline = []
+    for r in range(args.rounds):
+        if model is not None:
+            baseline.append(_generate_per_token(model, prompts, args.output_len))
+        for c in levels:
+            print(f"  round {r + 1}/{args.rounds}, concurrency {c}: {len(prompts)} requests x {args.output_len} "
+                  "tokens ...", file=sys.stderr, flush=True)
+            res, wall = run_level(url, prompts, args.output_len, c, api_key=args.api_key)
+            pooled[c] = (pooled[c][0] + res, pooled[c][1] + wall)
+    out, first = {}, pooled[levels[0]][0]
+    for c in levels:
+        s = summarize(*pooled[c])
+        s["greedy_agreement_with_first_level"] = agreement(first, pooled[c][0])
+        out[c] = s
+    return out, baseline
+
+
+def _metrics_cost(path: str, prompts, args, c: int) -> dict:
+    on = ServerProcess(path, _serve_args(args))
+    off = ServerProcess(path, _serve_args(args) + ["--no-metrics", "--stats-interval", "0"])
+    try:
+        on.wait_ready(), off.wait_ready()
+        tps = {"on": [], "off": []}
+        for srv in (on, off):
+            run_level(srv.url, prompts[:2], 8, 1)
+        for _ in range(args.metrics_cost):
+            for key, srv in (("on", on), ("off", off)):
+                res, wall = run_level(srv.url, prompts, args.output_len, c)
+                tps[key].append(summarize(res, wall)["output_tokens_per_s"])
+    finally:
+        on.stop(), off.stop()
+    med = {k: sorted(v)[len(v) // 2] for k, v in tps.items()}
+    return {"concurrency": c, "tokens_per_s": tps, "median_on": med["on"], "median_off": med["off"],
+            "cost": 1 - med["on"] / med["off"]}
+
+
+def _ms(x):
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def table(name: str, levels: dict, info: dict, peak: dict | None) -> str:
+    hdr = (f"{'c':>3s} {'req/s':>6s} {'out tok/s':>9s} | {'TTFT ms mean/med/p90/p99':>25s} | "
+           f"{'TPOT ms med/p99':>15s} | {'ITL ms mean/med/p90/p99':>24s} | {'E2E ms med/p99':>15s} | agree")
+    lines = [f"== {name}", hdr, "-" * len(hdr)]
+    for c, s in levels.items():
+        d = {k: s[k] for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s")}
+        ag = s["greedy_agreement_with_first_level"]
+        lines.append(
+            f"{c:>3d} {s['request_throughput']:6.2f} {s['output_tokens_per_s']:9.1f} | "
+            f"{'/'.join(_ms(d['ttft_s'][k]) for k in ('mean', 'median', 'p90', 'p99')):>25s} | "
+            f"{'/'.join(_ms(d['tpot_s'][k]) for k in ('median', 'p99')):>15s} | "
+            f"{'/'.join(_ms(d['itl_s'][k]) for k in ('mean', 'median', 'p90', 'p99')):>24s} | "
+            f"{'/'.join(_ms(d['e2e_s'][k]) for k in ('median', 'p99')):>15s} | "
+            f"{'-' if ag is None else f'{ag:.4f}'}" + (f"  FAILED {s['failed']}: {s['errors']}" if s["failed"] else ""))
+    if info.get("params"):
+        p = info["params"]
+        lines.append(f"params: total {p['total_params']:,} / active {p['active_params']:,} per token, {info.get('dtype')}")
+    if info.get("generate_s_per_token_median"):
+        lines.append(f"in-process generate(): {info['generate_s_per_token_median'] * 1e3:.2f} ms per token (median)")
+    if peak:
+        lines.append(f"server peak memory: RssAnon {peak['RssAnon'] / 2**20:.1f} MiB, RssFile "
+                     f"{peak['RssFile'] / 2**20:.1f} MiB, VmRSS {peak['VmRSS'] / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    targets = list(args.compare) if args.compare else ([args.model_dir] if args.model_dir else [])
+    if not targets and not args.url:
+        print("moekit bench serve: error: give DIR, --url or --compare RUN_A RUN_B", file=sys.stderr)
+        return 2
+    texts = make_workload(args.requests, 4 * args.prompt_len, args.seed)
+    report = {"meta": {"threads": args.threads, "max_batch": args.max_batch, "requests": args.requests,
+                       "prompt_len": args.prompt_len, "output_len": args.output_len, "seed": args.seed,
+                       "deterministic": args.deterministic, "machine": platform.machine(),
+                       "python": platform.python_version()}, "runs": {}}
+    if args.url:
+        print(f"benchmarking {args.url} ...", file=sys.stderr, flush=True)
+        res, _ = _levels(args.url, texts, args, levels)
+        report["runs"][args.url] = {"levels": res}
+        print(table(args.url, res, {}, None))
+    for path in targets:
+        print(f"{path}: in-process baseline and parameters ...", file=sys.stderr, flush=True)
+        model, tok, info = _load_model(path, args.threads)
+        prompts = _token_prompts(tok, texts, args.prompt_len)
+        srv = ServerProcess(path, _serve_args(args))
+        try:
+            srv.wait_ready()
+            res, baseline = _levels(srv.url, prompts, args, levels, None if args.no_baseline else model)
+        finally:
+            rc = srv.stop()
+        if baseline:
+            info["generate_s_per_token_median"] = sorted(baseline)[len(baseline) // 2]
+            info["generate_s_per_token_rounds"] = baseline
+        report["runs"][path] = {"levels": res, "info": info, "peak_memory_bytes": srv.peak, "exit_code": rc}
+        print(table(path, res, info, srv.peak))
+        moe = getattr(model.config, "moe", None)
+        if moe is not None:
+            work = {c: metrics_work_per_step(model.config.n_layers, moe.num_experts, moe.top_k, min(c, args.max_batch))
+                    for c in levels}
+            report["runs"][path]["metrics_work_per_step_s"] = work
+            print("metrics work per decode step (isolated): " + ", ".join(
+                f"c={c}: {w * 1e6:.0f} us = {100 * w / res[c]['tpot_s']['median']:.2f}% of its TPOT"
+                for c, w in work.items() if res[c]["tpot_s"]["median"]))
+        if args.metrics_cost:
+            cost = _metrics_cost(path, prompts, args, max(levels))
+            report["runs"][path]["metrics_cost"] = cost
+            print(f"metrics cost at c={cost['concurrency']}: {cost['cost'] * 100:+.2f}% output tokens/s "
+                  f"(median on {cost['median_on']:.1f}, off {cost['median_off']:.1f}; runs {cost['tokens_per_s']})")
+    if args.compare:
+        a, b = (report["runs"][t] for t in targets)
+        print(f"\n{'':24s} {Path(targets[0]).name:>16s} {Path(targets[1]).name:>16s}")
+        for key in ("total", "active"):
+            print(f"{key + ' params':24s} {a['info']['params'][key + '_params']:16,} {b['info']['params'][key + '_params']:16,}")
+        for mem in ("RssAnon", "RssFile"):
+            print(f"{'peak ' + mem + ' MiB':24s} {a['peak_memory_bytes'][mem] / 2**20:16.1f} "
+                  f"{b['peak_memory_bytes'][mem] / 2**20:16.1f}")
+        for c in levels:
+            print(f"{f'out tok/s at c={c}':24s} {a['levels'][c]['output_tokens_per_s']:16.1f} "
+                  f"{b['levels'][c]['output_tokens_per_s']:16.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    failed = sum(s["failed"] for r in report["runs"].values() for s in r["levels"].values())
+    return 1 if failed else 0

@@ -1,0 +1,54 @@
+"""Load any model directory moekit can run for inference, and its document start / end token ids.
+
+One owner for the choice ``moekit generate`` and ``moekit serve`` both make: a moekit run directory goes
+through :func:`moekit.infer.generate.load_run` (weights checked against the checkpoint manifest); any
+other directory (an HF model directory) through ``moekit.hf.load_any`` when that package is present.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load_for_inference", "special_ids"]
+
+
+def load_for_inference(path: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer). A moekit run directory goes through ``moekit.infer.load_run``, which checks the
+    weights against the checkpoint manifest and names the damaged file; any other directory (an HF model
+    directory) through ``moekit.hf.load_any`` when that package is present -- and so does a run directory
+    that keeps an HF model's config as hf_config.json (``moekit convert``, ``train --init-from``): its
+    tokenizer is the HF model's, which may have no <|endoftext|>, and its bos/eos ids are in that config."""
+    from moekit.infer.generate import load_run
+    from moekit.rundir import RunDir
+
+    path = str(path)
+    try:
+        from moekit.hf import is_moekit_dir, load_any
+    except ImportError:  # moekit.hf is optional: run directories only
+        return load_run(path)
+    run = RunDir(path)
+    if not run.is_run() or (is_moekit_dir(path) and not run.hf_config_path.is_file()):
+        return load_run(path)
+    model, tok = load_any(path)
+    if tok is None:
+        raise FileNotFoundError(f"{path}: no tokenizer.json; a model needs one to encode the prompt")
+    return model, tok
+
+
+def special_ids(model: Any, tok: Any, path: str | Path | None = None) -> tuple[int | None, int | None]:
+    """(start, end) token ids: moekit's document separator, else the HF config's bos/eos ids (the end, else
+    the eos token of ``path``'s tokenizer_config.json / config.json, as the training data separated them)."""
+    from moekit.data import EOT, document_separator
+
+    eot = tok.token_to_id(EOT)
+    if eot is not None:
+        return eot, eot
+    hf = getattr(model, "hf_config", None) or {}
+
+    def first(v):
+        return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
+
+    end = first(hf.get("eos_token_id"))
+    if end is None and path is not None:
+        end = document_separator(tok, str(path))
+    return first(hf.get("bos_token_id")), end

@@ -1,0 +1,147 @@
+"""`moekit serve DIR`: an OpenAI-compatible HTTP server over a moekit run or a Hugging Face directory.
+
+    moekit serve runs/moe --port 8000 --max-batch 8
+    curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
+
+Binds 127.0.0.1 unless --host says otherwise. SIGTERM / SIGINT stop accepting connections, let
+in-flight requests finish for --grace seconds, cancel the rest, and exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["build_parser", "load_engine", "main", "start_engine"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="DIR", help="a moekit run directory or an HF model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--deterministic", action="store_true",
+                   help="decode each request in its own forward: output identical to `moekit generate` under "
+                        "any concurrency (slower than batching)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: DIR's name)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: as loaded)")
+    p.add_argument("--stats-interval", type=int, default=1,
+                   help="read MoE routing stats every N forwards (0 = never; default 1 = every forward)")
+    p.add_argument("--expert-window", type=int, default=256,
+                   help="forwards in the window of the load-balance metrics (default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=16,
+                   help="prompt tokens prefilled per step while other requests decode (0 = whole prompts; "
+                        "default 16)")
+    p.add_argument("--no-metrics", action="store_true", help="no request metrics (to measure what they cost)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight requests may finish after SIGTERM (default 10)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def load_engine(model_dir: str, metrics, *, dtype: str | None = None, **engine_kw):
+    """Load DIR (``moekit.infer.load.load_for_inference``) and start an engine over it -> ``Loaded``."""
+    import torch
+
+    from moekit.infer.load import load_for_inference
+
+    model, tok = load_for_inference(model_dir)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    return start_engine(model, tok, model_dir, metrics, **engine_kw)
+
+
+def start_engine(model, tok, model_dir: str, metrics, **engine_kw):
+    """An engine over a loaded model (Engine's keywords: max_batch, deterministic, stats_interval, ...),
+    with DIR's end-of-document token and chat template -> ``Loaded``."""
+    from moekit.data import encode
+    from moekit.infer.load import special_ids
+    from moekit.serve.app import Loaded
+    from moekit.serve.engine import Engine
+    from moekit.serve.text import ChatTemplate
+
+    _, end = special_ids(model, tok, model_dir)
+    engine = Engine(model, tok, eos_id=end, metrics=metrics, **engine_kw).start()
+    return Loaded(engine, ChatTemplate.from_dir(model_dir), lambda text: encode(tok, text),
+                  lambda text: tok.encode(text, add_special_tokens=False).ids, model.config.vocab_size)
+
+
+class _Metrics:
+    """Stand-in for ServeMetrics with --no-metrics: an empty registry, no observations."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not Path(args.model_dir).is_dir():
+        print(f"moekit serve: error: {args.model_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+    except ImportError:
+        print("moekit serve: error: the server needs its extra: pip install 'moekit[serve]'", file=sys.stderr)
+        return 2
+    import torch
+
+    from moekit.serve.app import ServeState, build_app
+    from moekit.serve.metrics import ServeMetrics
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    metrics = _Metrics() if args.no_metrics else ServeMetrics()
+    state = ServeState(args.served_model_name or Path(args.model_dir).resolve().name, metrics, args.api_key,
+                       args.max_body_bytes)
+
+    def load():
+        return load_engine(args.model_dir, None if args.no_metrics else metrics, max_batch=args.max_batch,
+                           deterministic=args.deterministic, dtype=args.dtype,
+                           stats_interval=args.stats_interval, expert_window=args.expert_window,
+                           prefill_chunk=args.prefill_chunk)
+
+    server = None
+
+    def failed(message: str) -> None:
+        print(f"moekit serve: error: {message}", file=sys.stderr)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(state, load, on_load_error=failed)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.grace, access_log=args.log_level in ("debug", "info"))
+    server = _Server(config)
+    print(f"moekit serve: {state.model_name} on http://{args.host}:{args.port} (max batch {args.max_batch}"
+          f"{', deterministic' if args.deterministic else ''})", file=sys.stderr, flush=True)
+    server.run()
+    return 1 if state.load_error else 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process would end
+            # by the signal (exit -15); a server that shut down as asked exits 0 instead.
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return Server
+
+
+def _Server(config):  # built lazily so that importing this module does not import uvicorn
+    return _server_class()(config)

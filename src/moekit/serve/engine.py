@@ -1,0 +1,367 @@
+"""The serving engine: a scheduler thread that runs every request's decode step at token boundaries.
+
+Legend: B running requests, V vocabulary.
+
+Each request (a :class:`Sequence`) owns its KV cache, sampling parameters and RNG. One loop, on its own
+thread:
+1. admit waiting requests while the running batch has room (``max_batch``); each is prefilled alone
+   (batch 1): in one forward, exactly as ``moekit.infer.generate`` prefills, when no other request is
+   decoding (or with ``deterministic``), else one ``prefill_chunk`` of its prompt per step so that the
+   others keep getting tokens; the last prompt position yields its first token;
+2. one decode step for every running request: their pending tokens (B, 1) go through one forward over
+   the stacked caches (``kvbatch``), or, with ``deterministic``, one forward per request;
+3. each row samples its next token with its own parameters and generator; a request that hit its stop
+   string, the end-of-document token or max_tokens leaves the batch, and so does one whose client went
+   away (``abort``) -- so a short request never waits for a long one to finish.
+A forward that raises fails only the request it belongs to: a batched step is retried row by row.
+Results go to each request's ``sink`` (called on the engine thread; it must not block).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.data import decode
+from moekit.infer.generate import sample_next
+from moekit.nn.attention import KVCache
+from moekit.serve.kvbatch import split_batch, stack_caches
+from moekit.serve.metrics import ExpertLoad, ServeMetrics
+from moekit.serve.router_tap import RouterTap
+from moekit.serve.text import StopText
+
+__all__ = ["Engine", "EngineStopped", "Event", "SamplingParams", "Sequence"]
+
+log = logging.getLogger("moekit.serve")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks for. temperature 0 is greedy; seed None draws a random seed."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+
+
+@dataclass
+class Event:
+    """``token`` (text may be empty while a character or a possible stop string is incomplete),
+    ``finish`` (finish_reason "stop" | "length" | "abort"), or ``error`` (message)."""
+
+    kind: str
+    text: str = ""
+    token_id: int | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    text: StopText
+    generator: torch.Generator
+    arrival: float = field(default_factory=time.perf_counter)
+    cache: KVCache | None = None
+    prefilled: int = 0  # prompt tokens in the cache
+    pending: int | None = None  # sampled, not yet fed to the model
+    out_ids: list[int] = field(default_factory=list)
+    last_token_time: float = 0.0
+    aborted: bool = False
+    done: bool = False
+
+
+class Engine:
+    """Continuous batching over one model. ``submit`` / ``abort`` are thread-safe."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, deterministic: bool = False,
+                 eos_id: int | None = None, metrics: ServeMetrics | None = None, stats_interval: int = 1,
+                 expert_window: int = 256, prefill_chunk: int = 16):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.deterministic, self.eos_id = max_batch, deterministic, eos_id
+        self.max_seq_len = model.config.max_seq_len
+        self.n_layers = model.config.n_layers
+        self.metrics = metrics
+        self.stats_interval = stats_interval  # count tokens per expert every n-th forward (0 = never)
+        self.experts, self._tap = self._expert_load(expert_window)
+        if metrics is not None:
+            metrics.watch_queue(lambda: (self.num_running, self.num_waiting))
+            if self.experts is not None:
+                metrics.watch_experts(self.experts)
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # decoding
+        self._prefilling: list[Sequence] = []  # admitted to the batch, prompt not all in the cache yet
+        self.prefill_chunk = prefill_chunk
+        self._batch: tuple[list[Sequence], KVCache, list[int]] | None = None
+        self._next_id = 0
+        self._forwards = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
+        self.steps = 0
+
+    def _expert_load(self, window: int) -> tuple[ExpertLoad | None, RouterTap | None]:
+        moe = getattr(self.model.config, "moe", None)
+        if moe is None or self.stats_interval <= 0:
+            return None, None
+        tap = RouterTap(self.model, moe.num_experts)
+        if not tap.layers:
+            tap.remove()
+            return None, None
+        return ExpertLoad(tap.layers, moe.num_experts, window), tap
+
+    # ---------------------------------------------------------------- the public, thread-safe side
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> int:
+        """Queue one request; returns its id. Raises ValueError for a prompt that does not fit."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt tokens {len(prompt_ids)} + max_tokens {params.max_tokens} exceed the "
+                             f"model's context of {self.max_seq_len} tokens")
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            seq = Sequence(self._next_id, list(prompt_ids), params, sink,
+                           StopText(lambda ids: decode(self.tokenizer, ids), params.stop),
+                           torch.Generator().manual_seed(seed))
+            self._next_id += 1
+            self._waiting.append(seq)
+            self._cond.notify()
+        return seq.id
+
+    def abort(self, seq_id: int) -> None:
+        """Drop a request (its client went away); it leaves the batch at the next token boundary."""
+        with self._cond:
+            for seq in (*self._waiting, *self._prefilling, *self._running):
+                if seq.id == seq_id:
+                    seq.aborted = True
+            self._cond.notify()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop taking requests, cancel what is left (finish_reason "abort") and join the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread; generate() decodes under no_grad too
+        if self._tap is not None:
+            self._tap.attach()
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running and not self._prefilling:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                while self._waiting and self.num_running < self.max_batch:
+                    self._prefilling.append(self._waiting.popleft())
+            try:
+                self._prefill_step()
+                self._running = [s for s in self._running if not self._reap(s)]
+                if self._running:
+                    self._decode_step()
+                self._running = [s for s in self._running if not s.done]
+            except Exception:  # a bug in the engine itself: fail what runs, keep serving
+                log.exception("engine step failed")
+                for seq in (*self._running, *self._prefilling):
+                    self._fail(seq, "internal error in the serving engine")
+                self._running, self._prefilling, self._batch = [], [], None
+            self.steps += 1
+        with self._cond:
+            left = [*self._waiting, *self._prefilling, *self._running]
+            self._waiting.clear()
+        for seq in left:
+            self._finish(seq, "abort")
+        self._running, self._prefilling = [], []
+        if self._tap is not None:
+            self._tap.remove()
+
+    def _reap(self, seq: Sequence) -> bool:
+        if seq.aborted and not seq.done:
+            self._finish(seq, "abort")
+        return seq.done
+
+    def _forward(self, ids_BS: Tensor, cache: KVCache) -> Tensor:
+        out = self.model(ids_BS, kv_cache=cache)
+        self._forwards += 1
+        if self._tap is not None:
+            counts_LE = self._tap.take()  # not out.stats: that computes every balancing term (router_tap)
+            if counts_LE is not None and self._forwards % self.stats_interval == 0:
+                self.experts.add(counts_LE)
+        return out.logits[:, -1]
+
+    def _prefill_step(self) -> None:
+        """Prefill admitted requests. While others decode (and not ``deterministic``), only one chunk of
+        ``prefill_chunk`` prompt tokens per step, so that a long prompt delays their next token by one
+        chunk's forward, not by the whole prompt's. A request with the batch to itself is prefilled in
+        one forward, exactly as ``generate`` does it (a chunked prefill rounds differently)."""
+        self._prefilling = [s for s in self._prefilling if not self._reap(s)]
+        if not self._prefilling:
+            return
+        if self.deterministic or not self._running or self.prefill_chunk <= 0:
+            for seq in self._prefilling:
+                self._prefill(seq, len(seq.prompt_ids))
+        else:
+            self._prefill(self._prefilling[0], self.prefill_chunk)
+        self._prefilling = [s for s in self._prefilling if not s.done and s.prefilled < len(s.prompt_ids)]
+
+    def _prefill(self, seq: Sequence, n_tokens: int) -> None:
+        """Feed the next ``n_tokens`` prompt tokens; after the last, the request samples its first token."""
+        if seq.cache is None:
+            seq.cache = KVCache(self.n_layers)
+        end = min(len(seq.prompt_ids), seq.prefilled + n_tokens)
+        try:
+            logits_1V = self._forward(torch.tensor([seq.prompt_ids[seq.prefilled:end]]), seq.cache)
+        except Exception as e:  # noqa: BLE001 - a model failure fails its request only
+            self._fail(seq, e)
+            return
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(end - seq.prefilled)
+        seq.prefilled = end
+        if end == len(seq.prompt_ids):  # moved, never in both lists (num_running is read from other threads)
+            self._prefilling = [s for s in self._prefilling if s is not seq]
+            self._running.append(seq)
+            self._emit_next(seq, logits_1V)
+
+    def _unbatch(self) -> None:
+        """Hand each member of the stacked batch its own cache back (views of the batch tensors)."""
+        if self._batch is not None:
+            members, cache, pads = self._batch
+            for seq, own in zip(members, split_batch(cache, pads)):
+                seq.cache = own
+            self._batch = None
+
+    def _step_alone(self, seqs: list[Sequence]) -> None:
+        self._unbatch()
+        for seq in seqs:
+            try:
+                logits_1V = self._forward(torch.tensor([[seq.pending]]), seq.cache)
+            except Exception as e:  # noqa: BLE001 - a model failure fails its request only
+                self._fail(seq, e)
+                continue
+            self._emit_next(seq, logits_1V)
+
+    def _decode_step(self) -> None:
+        seqs = list(self._running)
+        if self.deterministic or len(seqs) == 1:
+            self._step_alone(seqs)
+            return
+        if self._batch is None or self._batch[0] != seqs:
+            self._unbatch()
+            cache, pads = stack_caches([s.cache for s in seqs])
+            self._batch = (seqs, cache, pads)
+        _, cache, _ = self._batch
+        saved = (list(cache.k), list(cache.v), cache.mask)  # update() replaces tensors, never writes them
+        try:
+            logits_BV = self._forward(torch.tensor([[s.pending] for s in seqs]), cache)
+        except Exception:  # noqa: BLE001 - retried row by row below
+            cache.k, cache.v, cache.mask = saved
+            log.warning("a batched decode step failed; retrying its %d requests one by one", len(seqs))
+            self._step_alone(seqs)  # finds the request at fault; the others go on
+            return
+        for i, seq in enumerate(seqs):
+            self._emit_next(seq, logits_BV[i:i + 1])
+
+    def _emit_next(self, seq: Sequence, logits_1V: Tensor) -> None:
+        """Sample the next token of one request and hand its text to the sink."""
+        p = seq.params
+        token = int(sample_next(logits_1V, p.temperature, p.top_k, p.top_p, seq.generator)[0])
+        now = time.perf_counter()
+        if self.metrics is not None:
+            (self.metrics.itl if seq.out_ids else self.metrics.ttft).observe(
+                now - (seq.last_token_time if seq.out_ids else seq.arrival))
+            self.metrics.generation_tokens.inc()
+        seq.last_token_time = now
+        seq.out_ids.append(token)
+        if self.eos_id is not None and token == self.eos_id and not p.ignore_eos:
+            self._send(seq, Event("token", seq.text.flush(), token))
+            self._finish(seq, "stop")
+            return
+        delta, stopped = seq.text.push(token)
+        if not stopped and len(seq.out_ids) >= p.max_tokens:
+            delta += seq.text.flush()
+        self._send(seq, Event("token", delta, token))
+        if stopped or len(seq.out_ids) >= p.max_tokens:
+            self._finish(seq, "stop" if stopped else "length")
+        else:
+            seq.pending = token
+
+    def _send(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # a sink that raises is its client's problem, not the batch's
+            log.exception("request %d: sink failed; dropping the request", seq.id)
+            seq.aborted = True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.done:
+            return
+        seq.done, seq.cache = True, None
+        if self.metrics is not None:
+            self.metrics.request_success.labels(reason).inc()
+            self.metrics.e2e.observe(time.perf_counter() - seq.arrival)
+        ended = seq.out_ids and seq.out_ids[-1] == self.eos_id and not seq.params.ignore_eos
+        n_out = len(seq.out_ids) - (1 if ended else 0)
+        self._send(seq, Event("finish", finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
+                              completion_tokens=n_out))
+
+    def _fail(self, seq: Sequence, error: Exception | str) -> None:
+        if isinstance(error, Exception):
+            log.error("request %d failed in the model: %r", seq.id, error, exc_info=error)
+        seq.done, seq.cache = True, None
+        if self.metrics is not None:
+            self.metrics.request_failure.inc()
+        msg = error if isinstance(error, str) else f"the model failed on this request: {type(error).__name__}: {error}"
+        self._send(seq, Event("error", message=msg))
+

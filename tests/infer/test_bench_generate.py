@@ -1,0 +1,37 @@
+"""`moekit bench generate`: the JSON carries the pinned fields, with values that hold together."""
+from __future__ import annotations
+
+import json
+
+from moekit.bench.cli import main
+from moekit.rundir import RunDir
+
+PINNED = ("tokens_per_s", "ttft_s", "itl_s", "peak_rss_anon_bytes", "peak_rss_file_bytes", "expert_hit_rate",
+          "optimal_hit_rate", "expert_bytes_read_per_token", "bandwidth_gbps_measured", "bandwidth_utilization")
+
+
+def _rows(doc):
+    """The per-batch records, whatever the top-level nesting."""
+    if isinstance(doc, dict) and "tokens_per_s" in doc:
+        return [doc]
+    if isinstance(doc, dict):
+        return [r for v in doc.values() for r in _rows(v)]
+    if isinstance(doc, list):
+        return [r for v in doc for r in _rows(v)]
+    return []
+
+
+def test_bench_generate_offloaded_writes_every_pinned_field(checkpoints, tmp_path):
+    run = checkpoints["moekit"]
+    out = tmp_path / "b.json"
+    assert main(["generate", str(run), "--expert-memory", "147456", "--no-prefetch", "--batch", "1", "--prompt-len", "8",
+                 "--new-tokens", "6", "--threads", "1", "--json", str(out)]) == 0
+    rows = _rows(json.loads(out.read_text()))
+    assert rows, out.read_text()[:500]
+    for r in rows:
+        assert all(k in r for k in PINNED), sorted(set(PINNED) - set(r))
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0
+        assert r["itl_s"]["median"] <= r["itl_s"]["p90"] <= r["itl_s"]["p99"]
+        assert 0 <= r["expert_hit_rate"] <= r["optimal_hit_rate"] <= 1
+        assert r["bandwidth_gbps_measured"] > 0 and r["peak_rss_anon_bytes"] > 0
+    assert RunDir(run).is_run()

@@ -1,0 +1,67 @@
+"""`moekit serve DIR` as a process: binds 127.0.0.1, serves, and on SIGTERM lets an in-flight stream
+finish, refuses new connections, and exits 0."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+from _serve_helpers import free_port
+
+from moekit.serve.cli import build_parser
+
+
+def test_defaults_bind_localhost():
+    args = build_parser().parse_args(["some/dir"])
+    assert (args.host, args.port, args.api_key, args.deterministic) == ("127.0.0.1", 8000, None, False)
+
+
+def test_serve_then_sigterm_finishes_in_flight_and_exits_0(run_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(run_dir), "--port", str(port),
+                             "--threads", "1", "--grace", "20"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        events, started = [], threading.Event()
+
+        def stream():
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
+                    "prompt": "def ", "max_tokens": 150, "temperature": 0, "stream": True,
+                    "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        t.join(10)
+        assert events[-1] == "[DONE]"
+        finals = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert finals[-1] == "length"  # the in-flight request ran to its end within the grace period
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            raise AssertionError("the server still accepts connections")
+        except httpx.TransportError:
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
