@@ -28,6 +28,14 @@ from moekit.infer.store import expert_ranges
 from moekit.infer.offload import load_offloaded
 from moekit.infer.generate import generate
 path, budget = sys.argv[1], int(sys.argv[2])
+# warm-up: the code pages of torch's kernels and of every module on this path are file-backed RSS too, and
+# how many a fresh venv maps first is not the experts' doing; run once, unmap, then take the base
+with torch.no_grad():
+    om = load_offloaded(path, budget, prefetch=True)
+    generate(om.model, torch.zeros(1, 8, dtype=torch.long), 2, temperature=0)
+    om.close()
+    del om
+import gc; gc.collect()
 base = rss()
 with PeakRSS(0.002) as peak, torch.no_grad():
     om = load_offloaded(path, budget, prefetch=True)
