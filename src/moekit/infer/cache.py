@@ -15,6 +15,7 @@ live hit counts exactly, and Belady's MIN (evict the entry whose next access is 
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ __all__ = ["LFU", "LRU", "POLICIES", "Belady", "CacheCore", "Policy", "Trace", "
 Key = tuple[int, int]
 
 
-class Policy:
+class Policy(abc.ABC):
     """Chooses the victim among evictable resident keys; sees every access and insertion in order."""
 
     name = "base"
@@ -43,8 +44,9 @@ class Policy:
         self.t += 1
         self.last[key] = self.t
 
+    @abc.abstractmethod
     def victim(self, candidates: list[Key]) -> Key:
-        raise NotImplementedError
+        """The key to evict among ``candidates``."""
 
 
 class LRU(Policy):
