@@ -6,6 +6,7 @@ import, a platform check) would turn a missing feature into a green CI, so it is
 from __future__ import annotations
 
 import pytest
+import torch
 
 NOT_RUN = ("skipped", "xfailed", "xpassed")
 
@@ -18,3 +19,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if any(counts.values()) and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         reporter.write_line(f"moekit: tests that did not run count as failures: {counts}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests, restored after: on a shared 2-core machine torch's default
+    threading is many times slower for tiny shapes, and bit-identity comparisons need the same thread count
+    in every process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

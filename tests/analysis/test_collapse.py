@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from _analysis_runs import quiet_train, tiny_model, tiny_train
 
-from moekit.train.monitor import CollapseDetector, replay_collapse
 from moekit.analysis.stats import load_metrics
 from moekit.train.loop import RoutingCollapsed
+from moekit.train.monitor import CollapseDetector, replay_collapse
 
 WINDOW = 30
 

@@ -28,11 +28,8 @@ def text(n: int, seed: int) -> list[str]:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one CPU thread (the one_thread fixture of tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -24,11 +24,8 @@ EXPERT_BYTES = 3 * H * D * 4  # one fp32 swiglu expert
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one CPU thread (the one_thread fixture of tests/conftest.py)."""
 
 
 def tiny_model(seed: int = 0, **moe) -> MoETransformer:

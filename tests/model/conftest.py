@@ -14,11 +14,8 @@ V, D, H, E, K = 64, 32, 64, 4, 2
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one CPU thread (the one_thread fixture of tests/conftest.py)."""
 
 
 def _tiny_config(router: str = "topk", *, moe: dict | None = None, **model) -> ModelConfig:

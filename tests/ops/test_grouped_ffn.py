@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.functional.dispatch import loop_experts_reference
 import moekit.ops.grouped_ffn as grouped_ffn_module
+from moekit.functional.dispatch import loop_experts_reference
 from moekit.ops.grouped_ffn import grouped_ffn
 
 

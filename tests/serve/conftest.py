@@ -8,18 +8,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
-import torch
 from _serve_helpers import LiveServer, Poisoned, train_tiny_run, with_chat_template
 
 from moekit.infer.load import load_for_inference
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one CPU thread (the one_thread fixture of tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

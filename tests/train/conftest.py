@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 TINY_MODEL = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--experts", "4", "--top-k", "2",
               "--router", "topk", "--expert-hidden", "64", "--vocab-size", "300", "--seq-len", "32",
@@ -36,11 +35,8 @@ def python_like_text(n_funcs: int, seed: int = 0) -> str:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one CPU thread (the one_thread fixture of tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

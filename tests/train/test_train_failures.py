@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.cli.train import main
-from moekit.infer import load_run
 from moekit.config import ModelConfig
+from moekit.infer import load_run
 from moekit.nn.transformer import MoETransformer
-from moekit.train import loop
 from moekit.rundir import CheckpointError, load_checkpoint, load_weights, read_manifest
+from moekit.train import loop
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from moekit.cli.train import main
 from moekit.config import ModelConfig
 from moekit.nn.transformer import MoETransformer
 from moekit.rundir import files as ckpt_files
-from moekit.rundir import run as ckpt
 from moekit.rundir import load_checkpoint, read_manifest, save_checkpoint
+from moekit.rundir import run as ckpt
 
 STEPS = 40
 # noisy_topk: the global RNG matters; warmup 3: most steps are in the cosine part of the schedule

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from moekit.cli.train import main
-from moekit.train.progress import Progress
-from moekit.rundir import read_manifest
 from moekit.config import TrainConfig
+from moekit.rundir import read_manifest
+from moekit.train.progress import Progress
 
 N = 10  # 2N = 20 steps, all within the default 30 warmup steps: the LR schedule does not depend on --steps
 
