@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# a second `make demo` is refused with the two ways on: RESUME=1 finishes an interrupted demo (or rewrites
+# a finished one's summary and report), OVERWRITE=1 starts over
+DEMO_HINT = finish an interrupted demo (or redo a finished one's report) with \`make demo RESUME=1\`, start over with \`make demo OVERWRITE=1\`
 demo: $(STAMP)
-	$(BIN)/moekit train --compare --out runs/compare
+	MOEKIT_DEMO_HINT="$(DEMO_HINT)" $(BIN)/moekit train --compare $(if $(RESUME),--resume,--out) runs/compare $(if $(OVERWRITE),--overwrite)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

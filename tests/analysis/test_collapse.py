@@ -10,6 +10,7 @@ the default losses, 39-87 without; seed 0 (8 vs 87) is used, and a 30-step windo
 """
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -78,6 +79,14 @@ def test_real_collapse_without_balance_loss_is_flagged_and_stops_the_run(tmp_pat
                                start_after=cfg.warmup_steps)
     assert replayed[:len(run.collapse_events)] == run.collapse_events
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["fail_on_collapse"] is True
+    # the report lists the warnings and counts them in the runs table
+    from moekit.analysis.report import write_report
+
+    page = write_report([tmp_path / "run"], tmp_path / "report", spec_tokens=0).read_text()
+    n = len(run.collapse_events)
+    assert f'<p class="warn">{n} collapse warning(s):</p>' in page
+    assert f"<li>step {first['step']}: {html.escape(first['message'])}</li>" in page
+    assert f'data-metric="collapse_warnings">{n}</td>' in page
 
 
 def test_real_run_with_default_losses_is_not_flagged(tmp_path: Path, tiny_data):

@@ -81,7 +81,7 @@ def test_report_html_is_valid_and_self_contained(report):
     path, page = report
     assert path.name == "report.html" and path.read_text().startswith("<!DOCTYPE html>")
     assert page.errors == [] and page.stack == []  # every tag closed, in order
-    assert len(page.imgs) == 1 + 2  # loss curves; the MoE run's load heatmap and routing health
+    assert len(page.imgs) == 2 + 2  # loss curves, MoE vs dense; the MoE run's load heatmap and routing health
     for src in page.imgs:  # embedded: the file works when mailed on its own
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from moekit.cli.train import build_parser, default_model_config, resolve_configs, resolve_init_configs
+from moekit.config.moe import ROUTERS
 
 
 def configs(*argv: str):
@@ -50,7 +51,8 @@ def test_every_flag_says_what_it_does_and_its_default():
         assert not re.search(r"issue \d|\('", a.help), a.help
     helps = {s: a.help for a in actions for s in a.option_strings}
     assert helps["--experts"] == "routed experts per MoE layer (default 8)"
-    assert "one of: topk, switch, noisy_topk, expert_choice, sigmoid_bias, dense (default topk)" in helps["--router"]
+    assert f"one of: {', '.join(ROUTERS)} (default topk)" in helps["--router"]
+    assert {"topk", "switch", "noisy_topk", "expert_choice", "sigmoid_bias", "dense"} <= set(ROUTERS)
     assert {"--ep", "--nproc", "--dist-timeout", "--steps", "--seed", "--lr", "--model.rope-theta",
             "--moe.score-func", "--no-compile", "--model.no-qk-norm"} <= set(helps)
     assert "%%" not in build_parser().format_help()

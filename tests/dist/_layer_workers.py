@@ -25,6 +25,17 @@ ROUTERS = {
     "sigmoid_bias": {"router": "sigmoid_bias", "top_k": K},
     "expert_choice": {"router": "expert_choice", "top_k": K},
     "dense": {"router": "dense", "top_k": K},
+    # the dynamic, balanced and hierarchical token-choice routers (sinkhorn and base in eval mode)
+    "top_p": {"router": "top_p", "top_k": 1, "top_p": 0.5},
+    "relu": {"router": "relu", "top_k": K, "relu_l1_init": 0.1},
+    "hierarchical": {"router": "hierarchical", "top_k": 1, "num_expert_groups": 2, "group_top_k": 2},
+    "sinkhorn": {"router": "sinkhorn", "top_k": K},
+    "base": {"router": "base", "top_k": 1},
+    # options: null and zero-computation experts stay on the token's rank; DeepSeek-V2 device / comm losses
+    "topk_null_zero_compute": {"router": "topk", "top_k": K, "num_null_experts": 1, "num_copy_experts": 1,
+                               "num_constant_experts": 1},
+    "sigmoid_bias_devices": {"router": "sigmoid_bias", "top_k": K, "num_devices": 2, "device_loss_coef": 0.1,
+                             "comm_loss_coef": 0.1},
 }
 MODES = {
     "dropless": {},

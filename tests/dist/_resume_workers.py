@@ -30,9 +30,14 @@ def resume_configs() -> tuple[ModelConfig, TrainConfig]:
 
 
 def opt_moments(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    """parameter name -> {"exp_avg", "exp_avg_sq", "step"} (copies)."""
+    """parameter name -> {"exp_avg", "exp_avg_sq", "step"} (copies; an FSDP shard gathered to this EP rank's
+    whole tensor, collectively, in the optimizer's order, which is the same on every rank)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: {k: v.detach().clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+
+    def full(v: torch.Tensor) -> torch.Tensor:
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+
+    return {names[id(p)]: {k: full(v) for k, v in st.items() if isinstance(v, torch.Tensor)}
             for p, st in opt.state.items()}
 
 
@@ -136,8 +141,8 @@ def resume_world4(rank: int, world: int, data, base: str) -> dict:
     # sensitivity: the same resume with the optimizer state left out of the load must train differently
     _copy(rank, base_p / "half", base_p / "no_opt")
     real = distributed.load_dcp
-    distributed.load_dcp = lambda path, model, opt=None, groups=None, extra=None: real(path, model, None, groups,
-                                                                                        extra)
+    distributed.load_dcp = lambda path, model, opt=None, groups=None, extra=None, **kw: real(path, model, None,
+                                                                                              groups, extra, **kw)
     try:
         result["no_opt"] = _train(rank, data, base_p / "no_opt", 2, resume=True)
     finally:

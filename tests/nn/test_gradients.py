@@ -31,12 +31,25 @@ CASES = {
     "sigmoid_bias": {"router": "sigmoid_bias", "top_k": 2, "routed_scaling_factor": 1.7},
     "sigmoid_bias_group_gated": {"router": "sigmoid_bias", "top_k": 2, "n_group": 2, "topk_group": 1,
                                  "num_shared_experts": 2, "shared_d_hidden": 3, "shared_gate": True},
+    # options: null + zero-computation experts beside a capacity limit; DeepSeek-V2 device / comm losses
+    "topk_null_zero_compute": {"router": "topk", "top_k": 2, "num_null_experts": 1, "num_zero_experts": 1,
+                               "num_copy_experts": 1, "num_constant_experts": 1, "capacity_factor": 0.9},
+    "sigmoid_bias_device_comm": {"router": "sigmoid_bias", "top_k": 2, "n_group": 2, "topk_group": 1,
+                                 "num_devices": 2, "device_loss_coef": 0.3, "comm_loss_coef": 0.2,
+                                 "group_score": "max"},
     "expert_choice": {"router": "expert_choice", "top_k": 2},
     "expert_choice_cap_gelu": {"router": "expert_choice", "top_k": 1, "capacity_factor": 1.3,
                                "activation": "gelu"},
     "dense": {"router": "dense"},
     "dense_gelu_shared_gated": {"router": "dense", "activation": "gelu", "num_shared_experts": 1,
                                 "shared_d_hidden": 4, "shared_gate": True},
+    # the dynamic, balanced and hierarchical routers (sinkhorn and base in eval: top-k of the activation)
+    "top_p_entropy": {"router": "top_p", "top_k": 1, "top_p": 0.6, "entropy_loss_coef": 0.1},
+    "relu_cap": {"router": "relu", "top_k": 2, "relu_l1_init": 0.1, "capacity_factor": 0.9},
+    "hierarchical": {"router": "hierarchical", "top_k": 1, "num_expert_groups": 2, "group_top_k": 2},
+    "sinkhorn_k2": {"router": "sinkhorn", "top_k": 2},
+    "base": {"router": "base", "top_k": 1},
+    "soft": {"router": "soft", "slots_per_expert": 2},
 }
 
 

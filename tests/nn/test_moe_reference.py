@@ -34,6 +34,18 @@ ROUTER_CFGS = {
                         "routed_scaling_factor": 2.5},
     "sigmoid_bias_g3_raw": {"router": "sigmoid_bias", "num_experts": 6, "top_k": 3, "n_group": 3,
                             "topk_group": 2, "norm_topk": False},
+    "sigmoid_bias_g2_max": {"router": "sigmoid_bias", "num_experts": 8, "top_k": 3, "n_group": 4, "topk_group": 2,
+                            "group_score": "max"},
+    "sigmoid_bias_g2_sum3": {"router": "sigmoid_bias", "num_experts": 8, "top_k": 3, "n_group": 2,
+                             "topk_group": 1},
+    # options: null experts (AdaMoE), zero-computation experts (MoE++), DeepSeek-V2 device / comm losses
+    "topk_null": {"router": "topk", "num_experts": 4, "top_k": 2, "num_null_experts": 2},
+    "topk_zc": {"router": "topk", "num_experts": 4, "top_k": 2, "num_null_experts": 1, "num_zero_experts": 1,
+                "num_copy_experts": 1, "num_constant_experts": 2},
+    "topk_dev": {"router": "topk", "num_experts": 4, "top_k": 2, "num_devices": 2, "device_loss_coef": 0.3,
+                 "comm_loss_coef": 0.2},
+    "sigmoid_bias_dev": {"router": "sigmoid_bias", "num_experts": 6, "top_k": 2, "n_group": 3, "topk_group": 2,
+                         "num_devices": 3, "device_loss_coef": 0.1, "comm_loss_coef": 0.2},
     "expert_choice": {"router": "expert_choice", "num_experts": 4, "top_k": 2},
     "dense": {"router": "dense", "num_experts": 4, "top_k": 2},
 }
@@ -42,6 +54,7 @@ TOKEN_CHOICE_MODES = {
     "position": {"capacity_factor": 0.75, "drop_policy": "position"},
     "probs": {"capacity_factor": 0.75, "drop_policy": "probs"},
 }
+TIGHT_CAPACITY = {"topk_null": 0.4, "topk_zc": 0.2}
 OTHER_MODES = {"dropless": {}, "capacity": {"capacity_factor": 0.75}}
 SHARED = {
     "noshared": {},
@@ -62,6 +75,8 @@ def make_cfg(router: str, mode: str = "dropless", activation: str = "swiglu", sh
           "importance_loss_coef": 0.05}
     kw.update(ROUTER_CFGS[router])
     kw.update(modes[mode])
+    if mode != "dropless" and router in TIGHT_CAPACITY:  # the extra experts take many picks: drop some still
+        kw["capacity_factor"] = TIGHT_CAPACITY[router]
     kw.update(SHARED[shared])
     kw.update(extra)
     return MoEConfig(**kw)
@@ -136,11 +151,11 @@ def _route_token(cfg: MoEConfig, logits: list[float], bias: list[float]):
     """-> (picks [(expert, weight)] in the router's rank order, balance-P vector, smallest gap)."""
     E, k = cfg.num_experts, cfg.top_k
     p = _softmax(logits)
-    if cfg.router == "topk":
+    if cfg.router == "topk":  # p over E routed + the extra experts; a null pick weighs 0
         idx, gap = _top(p, k)
-        w = [p[e] for e in idx]
+        w = [0.0 if _kind(cfg, e) == "null" else p[e] for e in idx]
         if cfg.norm_topk:
-            w = [a / sum(w) for a in w]
+            w = [a / sum(w) if sum(w) > 0 else 0.0 for a in w]
         return list(zip(idx, w)), p, gap
     if cfg.router == "switch":
         idx, gap = _top(p, 1)
@@ -154,7 +169,9 @@ def _route_token(cfg: MoEConfig, logits: list[float], bias: list[float]):
         allowed, ggap = None, math.inf
         if cfg.n_group > 1:
             gs = E // cfg.n_group
-            group_score = [sum(sorted(sb[j * gs:(j + 1) * gs], reverse=True)[:2]) for j in range(cfg.n_group)]
+            # sum_top: the group's ceil(K/M) best (DeepSeek-V3); max: its best one (DeepSeek-V2)
+            top = 1 if cfg.group_score == "max" else (cfg.group_score_top or -(-k // cfg.topk_group))
+            group_score = [sum(sorted(sb[j * gs:(j + 1) * gs], reverse=True)[:top]) for j in range(cfg.n_group)]
             groups, ggap = _top(group_score, cfg.topk_group, relative=False)
             allowed = [e for j in groups for e in range(j * gs, (j + 1) * gs)]
         idx, gap = _top(sb, k, allowed, relative=False)
@@ -168,8 +185,38 @@ def _route_token(cfg: MoEConfig, logits: list[float], bias: list[float]):
     raise AssertionError(cfg.router)
 
 
+def _kind(cfg: MoEConfig, e: int) -> str:
+    """Expert id -> "routed", or the kind of a null / zero-computation expert (ids from E, in this order)."""
+    kinds = (["null"] * cfg.num_null_experts + ["zero"] * cfg.num_zero_experts + ["copy"] * cfg.num_copy_experts
+             + ["constant"] * cfg.num_constant_experts)
+    return "routed" if e < cfg.num_experts else kinds[e - cfg.num_experts]
+
+
+def _extra_expert(P: dict, cfg: MoEConfig, e: int, x: torch.Tensor) -> torch.Tensor:
+    kind = _kind(cfg, e)
+    if kind == "copy":
+        return x
+    if kind == "constant":
+        j = e - cfg.num_experts - cfg.num_null_experts - cfg.num_zero_experts - cfg.num_copy_experts
+        a = _softmax((P["zero_experts.const_gate"][j] @ x).tolist())
+        return a[0] * x + a[1] * P["zero_experts.const_vector"][j]
+    return torch.zeros_like(x)  # null, zero
+
+
+def _device_losses(cfg: MoEConfig, picks: list, Pvec: list) -> tuple[float, float]:
+    """DeepSeek-V2: L_dev = sum_d mean_{j in d} f_j * sum_{j in d} P_j, L_comm = sum_d f''_d * sum_{j in d} P_j."""
+    E, k, D, M = cfg.num_experts, cfg.top_k, cfg.num_devices, cfg.topk_group
+    n, per = len(picks), cfg.num_experts // cfg.num_devices
+    f = [E * sum(1 for pk in picks for e, _ in pk if e == j) / (k * n) for j in range(E)]
+    Pbar = [sum(Pvec[i][j] for i in range(n)) / n for j in range(E)]
+    dev = sum(sum(f[d * per:(d + 1) * per]) / per * sum(Pbar[d * per:(d + 1) * per]) for d in range(D))
+    sent = [sum(1 for pk in picks if any(e < E and e // per == d for e, _ in pk)) for d in range(D)]
+    comm = sum(D / (M * n) * sent[d] * sum(Pbar[d * per:(d + 1) * per]) for d in range(D))
+    return dev, comm
+
+
 def _balance(cfg: MoEConfig, picks: list, Pvec: list) -> float:
-    E, k = cfg.num_experts, cfg.top_k
+    E, k = len(Pvec[0]), cfg.top_k  # null / zero-computation experts are balanced too
     n = len(picks)
     f = [0.0] * E
     for pk in picks:
@@ -190,12 +237,14 @@ def naive_moe(layer: MoELayer, x: torch.Tensor, token_mask: torch.Tensor | None 
     n = len(toks)
     seq_of = {t: t // x.shape[1] for t in toks} if (x.dim() == 3 and cfg.seq_aux) else None
     bias = P["router.expert_bias"].tolist() if "router.expert_bias" in P else [0.0] * E
-    logits = [(P["router.weight"] @ X[t]).tolist() for t in toks]  # per routed token
+    W = P["router.weight"] if "router.extra_weight" not in P else torch.cat([P["router.weight"],
+                                                                              P["router.extra_weight"]])
+    logits = [(W @ X[t]).tolist() for t in toks]  # per routed token, over E + the extra experts
     min_gap = math.inf
 
     # 1. routing: kept[i] = [(expert, weight)] of routed token i; gates[i][e] = pre-drop combine weight
     kept: list[list] = [[] for _ in toks]
-    gates = [[0.0] * E for _ in toks]
+    gates = [[0.0] * (E + cfg.num_extra_experts) for _ in toks]
     picks, Pvecs = [], []
     dropped = 0
     if cfg.router == "expert_choice":
@@ -223,6 +272,8 @@ def naive_moe(layer: MoELayer, x: torch.Tensor, token_mask: torch.Tensor | None 
                 for r in range(k):  # every first choice before any second choice, earliest token first
                     for i in range(n):
                         e, w = picks[i][r]
+                        if e >= E:  # null / zero-computation experts take no slot
+                            continue
                         if len(slots[e]) < C:
                             slots[e].append((i, w))
                         else:
@@ -231,13 +282,17 @@ def naive_moe(layer: MoELayer, x: torch.Tensor, token_mask: torch.Tensor | None 
                 for e in range(E):
                     cand = [(i, w) for i in range(n) for (ee, w) in picks[i] if ee == e]
                     cand.sort(key=lambda iw: -iw[1])
-                    if len(cand) > C:
+                    # a lone routed pick beside null picks weighs exactly 1 in fp32 as in float64: such
+                    # ties are exact, and both sides break them by token order
+                    if len(cand) > C and not cand[C - 1][1] == cand[C][1] == 1.0:
                         min_gap = min(min_gap, _gap(cand[C - 1][1], cand[C][1], True))
                     slots[e] = cand[:C]
                     dropped += len(cand[C:])
             for e in range(E):
                 for i, w in slots[e]:
                     kept[i].append((e, w))
+            for i in range(n):
+                kept[i] += [(e, w) for e, w in picks[i] if e >= E]
         else:
             for i in range(n):
                 kept[i] = list(picks[i])
@@ -247,7 +302,7 @@ def naive_moe(layer: MoELayer, x: torch.Tensor, token_mask: torch.Tensor | None 
     for i, t in enumerate(toks):
         y = _shared(P, cfg, X[t])
         for e, w in kept[i]:
-            y = y + w * _expert(P, cfg, e, X[t])
+            y = y + w * (_expert(P, cfg, e, X[t]) if e < E else _extra_expert(P, cfg, e, X[t]))
         out[t] = y
 
     # 4. statistics and losses
@@ -269,7 +324,12 @@ def naive_moe(layer: MoELayer, x: torch.Tensor, token_mask: torch.Tensor | None 
     importance = (sum((c - mean) ** 2 for c in col) / E) / mean**2
     entropy = sum(-sum(a * math.log(a) for a in _softmax(lg) if a > 0) for lg in logits) / n
     aux = cfg.aux_loss_coef * balance + cfg.z_loss_coef * z + cfg.importance_loss_coef * importance
-    return {"output": out.reshape(x.shape), "tokens_per_expert": tpe, "dropped": dropped, "num_tokens": n,
+    extra = [sum(1 for i in range(n) for e, _ in kept[i] if e == E + j) for j in range(cfg.num_extra_experts)]
+    dev = comm = None
+    if cfg.num_devices > 1 and picks and n:
+        dev, comm = _device_losses(cfg, picks, Pvecs)
+        aux += cfg.device_loss_coef * dev + cfg.comm_loss_coef * comm
+    return {"extra_tokens_per_expert": extra, "device_loss": dev, "comm_loss": comm,"output": out.reshape(x.shape), "tokens_per_expert": tpe, "dropped": dropped, "num_tokens": n,
             "balance": balance, "z": z, "importance": importance, "aux": aux, "entropy": entropy,
             "min_gap": min_gap}
 
@@ -292,6 +352,11 @@ def check_against_naive(layer: MoELayer, x: torch.Tensor, token_mask=None, check
     _close(st.balance_loss, ref["balance"])
     _close(st.z_loss, ref["z"])
     _close(st.importance_loss, ref["importance"])
+    if layer.cfg.num_extra_experts:
+        assert st.extra_tokens_per_expert.tolist() == ref["extra_tokens_per_expert"]
+    for name in ("device_loss", "comm_loss"):
+        if ref[name] is not None:
+            _close(getattr(st, name), ref[name])
     _close(out.aux_loss, ref["aux"])
     if check_entropy and layer.cfg.router != "sigmoid_bias":  # entropy of p = softmax(l)
         _close(st.router_entropy, ref["entropy"])

@@ -54,6 +54,8 @@ def assert_same_losses_and_stats(a, b):
         va, vb = getattr(a.stats, f.name), getattr(b.stats, f.name)
         if isinstance(va, torch.Tensor) and va.is_floating_point():
             torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-7, msg=lambda m, n=f.name: f"{n}: {m}")
+        elif va is None or isinstance(va, tuple):  # an option not configured / the kinds of extra experts
+            assert va == vb, (f.name, va, vb)
         else:
             assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), (f.name, va, vb)
 

@@ -28,6 +28,15 @@ CASES = {
         "norm_topk_prob": True,
         "rope_interleave": True,
     },
+    # K/M = 4: HF still scores a group by its two best experts (moekit's group_score_top=2, not ceil(K/M))
+    "groups2_top1_k4": {
+        "n_group": 2,
+        "topk_group": 1,
+        "num_experts_per_tok": 4,
+        "first_k_dense_replace": 0,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+    },
     "groups4_top2_k3": {
         "n_group": 4,
         "topk_group": 2,
@@ -48,6 +57,14 @@ CASES = {
         "n_shared_experts": 1,
         "routed_scaling_factor": 1.0,
         "tie_word_embeddings": True,
+    },
+    # DeepSeek-V3's published rope_scaling, its original context shortened below the test sequences
+    "yarn_published_style": {
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1},
     },
 }
 

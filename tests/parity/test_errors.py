@@ -97,19 +97,25 @@ DS = {
     "topk_group": 1,
 }
 BAD_CONFIGS = {
-    "rope_yarn": (
+    "rope_proportional": (
         "mixtral",
         MIXTRAL,
-        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-        r"rope_type='yarn' is not supported",
+        {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}},
+        r"rope_type='proportional' is not supported",
     ),
-    "legacy_rope_scaling": (
+    "legacy_rope_scaling_su": (
         "mixtral",
         MIXTRAL,
-        {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-        r"rope_scaling rope_type='dynamic'",
+        {"rope_parameters": None, "rope_scaling": {"type": "su", "factor": 2.0}},
+        r"rope_scaling rope_type='su'",
     ),
-    "sliding_window": ("mixtral", MIXTRAL, {"sliding_window": 32}, r"sliding_window=32 is not supported"),
+    "rope_per_layer_type": (
+        "mixtral",
+        MIXTRAL,
+        {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+        r"rope_parameters differs between layer types",
+    ),
     "gelu": ("mixtral", MIXTRAL, {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
     "quantized": (
         "mixtral",
@@ -117,22 +123,17 @@ BAD_CONFIGS = {
         {"quantization_config": {"quant_method": "fp8"}},
         r"quantization_config",
     ),
-    "qwen2_sliding": (
-        "qwen2_moe",
-        {
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 24,
-            "shared_expert_intermediate_size": 24,
-        },
-        {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3, "layer_types": None},
-        r"use_sliding_window=True is not supported",
+    "gpt_oss_layer_types": (
+        "gpt_oss",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 12},
+        {"layer_types": ["chunked_attention"] * 3},
+        r"layer_types=\['chunked_attention'",
     ),
-    "qwen3_sliding": (
-        "qwen3_moe",
-        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24},
-        {"use_sliding_window": True, "sliding_window": 16},
-        r"use_sliding_window=True",
+    "gpt_oss_quantized_otherwise": (
+        "gpt_oss",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 12},
+        {"quantization_config": {"quant_method": "fp8"}},
+        r"quantization_config=\{'quant_method': 'fp8'\} is not supported",
     ),
     "ernie_bias": (
         "ernie4_5_moe",
@@ -147,6 +148,11 @@ BAD_CONFIGS = {
         r"attention_bias=True is not supported",
     ),
     "deepseek_softmax": ("deepseek_v3", DS, {"scoring_func": "softmax"}, r"scoring_func='softmax'"),
+    "deepseek_v2_topk_method": ("deepseek_v2", DS, {"topk_method": "noaux_tc"}, r"topk_method='noaux_tc'"),
+    "deepseek_v2_norm_topk": ("deepseek_v2", DS, {"norm_topk_prob": True}, r"norm_topk_prob=True"),
+    "phimoe_top3": ("phimoe", {"num_local_experts": 4}, {"num_experts_per_tok": 3}, r"num_experts_per_tok=3"),
+    "jetmoe_norm_eps": ("jetmoe", {"num_local_experts": 4, "kv_channels": 8}, {"rms_norm_eps": 1e-5},
+                        r"rms_norm_eps=1e-05 is not supported"),
     "partial_rope": (
         "qwen3_moe",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24},
@@ -160,6 +166,10 @@ CONFIG_CLASSES = {
     "qwen3_moe": "Qwen3MoeConfig",
     "ernie4_5_moe": "Ernie4_5_MoeConfig",
     "deepseek_v3": "DeepseekV3Config",
+    "deepseek_v2": "DeepseekV2Config",
+    "gpt_oss": "GptOssConfig",
+    "phimoe": "PhimoeConfig",
+    "jetmoe": "JetMoeConfig",
 }
 
 
@@ -170,4 +180,14 @@ def test_unsupported_config_field(case, tmp_path):
     cfg.update(changes)
     (tmp_path / "config.json").write_text(json.dumps(cfg))  # refused before any tensor is read
     with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path)
+
+
+def test_dbrx_norm_p_refused(tmp_path):
+    cfg = transformers.DbrxConfig(d_model=48, n_heads=4, n_layers=2, vocab_size=160,
+                                  attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 1e4},
+                                  ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}).to_dict()
+    cfg["ffn_config"]["moe_normalize_expert_weights"] = 2.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"moe_normalize_expert_weights=2.0 is not supported"):
         from_pretrained(tmp_path)

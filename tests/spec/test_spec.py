@@ -17,6 +17,7 @@ import transformers
 from moekit.spec import (
     PRESETS,
     PUBLISHED,
+    Published,
     SUPPORTED_MODEL_TYPES,
     count_params,
     flops_per_token,
@@ -56,6 +57,13 @@ TINY: list[tuple[str, dict[str, Any]]] = [
                          topk_group=1, moe_intermediate_size=12, n_shared_experts=1, first_k_dense_replace=0,
                          q_lora_rank=None, kv_lora_rank=14, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8,
                          attention_bias=True)),
+    ("deepseek_v2", dict(_BASE, num_hidden_layers=4, num_key_value_heads=4, n_routed_experts=6,
+                         num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                         moe_intermediate_size=12, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=16,
+                         kv_lora_rank=14, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8)),
+    ("deepseek_v2", dict(_BASE, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=12, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=14,
+                         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8)),
     ("gpt_oss", dict(_BASE, num_hidden_layers=4, num_local_experts=5, num_experts_per_tok=2, head_dim=10,
                      sliding_window=8)),
     ("dbrx", {"vocab_size": 97, "d_model": 24, "n_heads": 4, "n_layers": 3,
@@ -115,7 +123,7 @@ def _component_of(name: str) -> str:
 
 @pytest.mark.parametrize("idx", [i for i, (m, _) in enumerate(TINY)
                                  if m in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "ernie4_5_moe",
-                                          "deepseek_v3", "gpt_oss", "phimoe", "granitemoe")])
+                                          "deepseek_v3", "deepseek_v2", "gpt_oss", "phimoe", "granitemoe")])
 def test_component_split_matches_transformers(idx: int) -> None:
     model_type, kwargs = TINY[idx]
     config_json, model = _build(model_type, kwargs)
@@ -130,10 +138,14 @@ def test_component_split_matches_transformers(idx: int) -> None:
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_presets_match_published_figures(name: str) -> None:
+    """Within one unit of the last digit the source gives (sources round or truncate), as the README says."""
     report, pub = count_params(get_preset(name)), PUBLISHED[name]
     active = report.active_params if pub.convention == "with_embedding" else report.active_params_no_embedding
-    assert report.total_params == pytest.approx(pub.total, rel=0.005)
-    assert active == pytest.approx(pub.active, rel=0.005)
+    assert pub.source and pub.total.endswith("B") and pub.active.endswith("B")
+    assert abs(report.total_params - Published.value(pub.total)) < Published.unit(pub.total)
+    assert abs(active - Published.value(pub.active)) < Published.unit(pub.active)
+    assert pub.agrees(report.total_params, active)
+    assert not pub.agrees(report.total_params * 1.02, active)  # a 2% miscount is caught at these digits
 
 
 def test_preset_flags_and_conventions() -> None:
@@ -281,3 +293,17 @@ def test_cli_json_and_tables(capsys: pytest.CaptureFixture[str], tmp_path: Any) 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main([str(tmp_path / "config.json"), "--json"]) == 2
     assert "bert" in capsys.readouterr().err
+
+
+def test_jetmoe_published_names() -> None:
+    """jetmoe/jetmoe-8b's config.json names the expert count, top-k and widths as the original code did;
+    the spec reads them and counts what transformers builds from the same model under its own names."""
+    published = {"model_type": "jetmoe", "vocab_size": 97, "n_embd": 24, "n_layer": 3, "num_key_value_heads": 2,
+                 "kv_channels": 6, "ffn_hidden_size": 20, "moe_num_experts": 4, "moe_top_k": 2, "n_head": 4,
+                 "n_positions": 64, "tie_word_embeddings": True}
+    _, model = _build("jetmoe", {"vocab_size": 97, "hidden_size": 24, "num_hidden_layers": 3,
+                                 "num_key_value_heads": 2, "kv_channels": 6, "intermediate_size": 20,
+                                 "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64})
+    report = count_params(published)
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert (report.num_experts, report.experts_per_token) == (4, 2)

@@ -168,7 +168,7 @@ def test_keep_checkpoints_bounds_what_stays_on_disk(tmp_path, flags):
 
 
 def test_from_step_needs_resume_and_a_kept_step(run, flags, tmp_path, capsys):
-    assert main(flags(tmp_path / "new", 5, "--from-step", "5")) == 1
+    assert main(flags(tmp_path / "new", 5, "--from-step", "5")) == 2
     assert "--from-step S picks the checkpoint a --resume continues from" in capsys.readouterr().err
     assert main(["--resume", str(run), "--from-step", "3", "--steps", "12"]) == 1
     assert "no checkpoint of step 3 is kept; kept: steps [5]" in capsys.readouterr().err

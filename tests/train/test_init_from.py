@@ -70,15 +70,16 @@ def test_init_from_a_moekit_run_starts_at_its_weights(src_run, corpus, tmp_path,
 
 
 def test_init_from_refuses_architecture_flags_and_mismatched_tokenizers(src_run, corpus, tmp_path, capsys):
-    def run(*args: str) -> str:
+    def run(*args: str, code: int = 1) -> str:
         assert train_main(["--data", str(corpus), "--out", str(tmp_path / "out"), "--steps", "2", *TRAIN,
-                           *args]) == 1
+                           *args]) == code
         return capsys.readouterr().err
 
+    # flags that cannot apply are usage errors (2); a source model that cannot be used is a runtime one (1)
     assert "--experts, --dense would change its architecture" in run("--init-from", str(src_run), "--experts",
-                                                                     "8", "--dense")
+                                                                     "8", "--dense", code=2)
     assert "--vocab-size 200 differs from the model's vocab_size 300" in run("--init-from", str(src_run),
-                                                                             "--vocab-size", "200")
+                                                                             "--vocab-size", "200", code=2)
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):

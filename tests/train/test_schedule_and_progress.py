@@ -62,3 +62,34 @@ def test_the_plain_progress_line_has_step_and_eta(capsys):
     p.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("[moe] step 50/100 eta ") and err[0].endswith("| loss 1.000 | 10 tok/s")
+
+
+_FULL = {"loss": 3.14159, "tokens_per_s": 12345.6, "max_over_mean_load": {"0": 1.2, "1": 2.5},
+         "drop_rate": {"0": 0.0, "1": 0.031}}
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("label", ["moe", "dense seed 12"])
+def test_the_live_line_keeps_step_eta_loss_and_val_at_any_width(width, label):
+    from moekit.train.progress import format_eta, render_line
+
+    p = Progress(label, 1500, 0)
+    line = render_line(label, 750, 1500, format_eta(200.0), p.fields(_FULL, 2.71828, {}), width)
+    p.close()
+    assert len(line) <= width
+    for must in (label, "750/1500", "eta 3m20s", "loss 3.142", "val 2.718"):
+        assert must in line, (must, line)
+    assert "…" not in line
+    if width == 120:  # room for everything, and a bar half full
+        assert "12,346 tok/s" in line and "load max/mean 2.50" in line and "drop 3.1%" in line
+        bar = line[len(label) + 1:line.index(" 750/1500")]
+        assert set(bar) == {"━", "─"} and abs(bar.count("━") - bar.count("─")) <= 1
+    else:  # the lowest priorities went first: drops, then load
+        assert "drop" not in line
+
+
+def test_the_eta_is_the_median_step_time_so_a_stall_does_not_swing_it():
+    p = Progress("moe", 100, 0)
+    p.step_s.extend([0.1] * 20 + [30.0])  # one step stalled for 30 s
+    assert p.eta_s(50) == pytest.approx(0.1 * 50)
+    p.close()

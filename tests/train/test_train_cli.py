@@ -68,11 +68,16 @@ def test_config_file_is_overridden_by_flags(tmp_path, corpus):
     assert m.vocab_size == 300
 
 
-def test_unreadable_config_file(tmp_path):
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list; expected an object"),
+    ('{"modle": {}}', "unknown section(s) 'modle'"), (b"\xff\xfe\x00binary", "is not valid JSON")])
+def test_bad_config_file_is_one_line_usage_error(tmp_path, capsys, content, says):
     bad = tmp_path / "run.json"
-    bad.write_text("{not json")
-    with pytest.raises(SystemExit, match="cannot read --config"):
-        main(["--config", str(bad), "--out", str(tmp_path / "run")])
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moekit train: error: --config {bad}") and says in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 SUMMARY_KEYS = {"final_val_loss", "tokens_per_s", "total_params", "active_params", "wall_s"}

@@ -137,5 +137,5 @@ def test_missing_weights_are_reported(run):
     with pytest.raises(CheckpointError, match=f"{weights}: no such weights file"):
         load_run(run)
     (run / "dcp").mkdir()  # a distributed run: the message says how to get the single-file weights
-    with pytest.raises(CheckpointError, match="export_dcp_to_safetensors"):
+    with pytest.raises(CheckpointError, match="export_if_distributed"):
         load_run(run)

@@ -21,7 +21,7 @@ from moekit.analysis.stats import (
     max_over_mean,
 )
 
-__all__ = ["ema", "plot_expert_load", "plot_losses", "plot_routing_health"]
+__all__ = ["ema", "health_panels", "load_scale", "plot_expert_load", "plot_losses", "plot_routing_health"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -81,15 +81,24 @@ def plot_losses(runs: Sequence[RunMetrics], labels: Sequence[str], path: Path) -
     return _save(fig, path)
 
 
+def load_scale(run: RunMetrics) -> float:
+    """The heatmaps' colour maximum: the 99th percentile of the expert shares over the second half of
+    training. Early spikes (one expert taking most tokens for a few steps) would otherwise set the scale
+    and wash out the imbalance that lasts."""
+    steady = [load_shares(r.counts_SE)[len(r.counts_SE) // 2:] for r in run.layers.values()]
+    steady = [s.ravel() for s in steady if s.size]
+    if not steady:
+        return 1.0
+    return float(min(max(np.percentile(np.concatenate(steady), 99), 1e-9), 1.0))
+
+
 def plot_expert_load(run: RunMetrics, label: str, path: Path) -> Path:
     """One heatmap per MoE layer: each expert's share of the layer's assignments at each logged step."""
     layers = list(run.layers)
     fig = _figure(12, 0.6 + 2.1 * max(1, len(layers)))
     axes = np.atleast_1d(fig.subplots(max(1, len(layers)), 1, sharex=True, squeeze=False)[:, 0])
-    # saturate at 4x the uniform share: early-training spikes would otherwise wash out the steady state
     observed = max([float(load_shares(r.counts_SE).max()) for r in run.layers.values()] + [1e-9])
-    E = next(iter(run.layers.values())).num_experts if layers else 1
-    vmax = min(observed, max(4 / E, 1e-9), 1.0)
+    vmax = load_scale(run)
     im = None
     for ax, layer in zip(axes, layers):
         r = run.layers[layer]
@@ -117,43 +126,73 @@ def plot_expert_load(run: RunMetrics, label: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _varying(x_S: np.ndarray | None) -> np.ndarray:
+    """``x_S`` when it changes over the run, else zeros: a constant top-k count needs no panel."""
+    if x_S is None or not np.isfinite(x_S).any() or np.nanmax(x_S) == np.nanmin(x_S):
+        return np.zeros(0)
+    return x_S
+
+
+def health_panels(run: RunMetrics, panels: list) -> tuple[list, list[str]]:
+    """(the panels with something to show, the names of those that are 0 at every step or never logged):
+    no drops when dropless, no dead experts, a constant experts-per-token. An empty axis says nothing the
+    figure's title cannot."""
+    def shown(fn) -> bool:
+        return any(np.nan_to_num(fn(r)).any() for r in run.layers.values())
+
+    constant = [t.split(" (")[0] for t, fn in panels if not shown(fn)]
+    return [(t, fn) for t, fn in panels if shown(fn)] or panels[:1], constant
+
+
+def _absent_note(names: list[str]) -> str:
+    """'(drop rate: 0 at every step; experts per token: the same at every step)' for the title."""
+    varying = {"experts per token"}  # hidden when constant, not when zero
+    zero = [n for n in names if n not in varying]
+    same = [n for n in names if n in varying]
+    parts = ([f"{', '.join(zero)}: 0 at every step"] if zero else []) + \
+        ([f"{', '.join(same)}: the same at every step"] if same else [])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def plot_routing_health(run: RunMetrics, label: str, path: Path) -> Path:
-    """Per layer over steps: max/mean load, dead-expert fraction, router entropy, drop rate, balance
-    loss and z-loss (the latter two as computed, before their coefficients)."""
+    """Per layer over steps: max/mean load, dead-expert fraction, router entropy, drop rate, experts per
+    token, balance loss and z-loss (the latter two as computed, before their coefficients). A quantity
+    that is 0 at every step in every layer gets no panel; the title lists it."""
     tcfg = run.train_config
     threshold, window = tcfg.get("dead_threshold", 0.02), tcfg.get("collapse_window", 50)
-    fig = _figure(12, 6.4)
-    axes = fig.subplots(2, 3, sharex=True).reshape(-1)
     panels = [
         ("max / mean expert load", lambda r: max_over_mean(r.counts_SE)),
         (f"dead experts (share < {threshold:.0%} for {window} steps)",
          lambda r: dead_fraction(r.counts_SE, threshold, window)),
         ("router entropy (nats)", lambda r: r.router_entropy_S),
         ("drop rate (capacity)", lambda r: r.drop_rate_S),
+        ("experts per token", lambda r: _varying(r.experts_per_token_S)),
         ("balance loss", lambda r: r.balance_loss_S),
         ("router z-loss", lambda r: r.z_loss_S),
     ]
+    panels, constant = health_panels(run, panels)
+    cols = 2 if len(panels) == 4 else min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = _figure(12, 0.6 + 2.9 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False).reshape(-1))
     for ax, (title, fn) in zip(axes, panels):
         for i, (layer, r) in enumerate(run.layers.items()):
             ax.plot(run.step_S, fn(r), color=_COLORS[i % len(_COLORS)], linewidth=1.1, label=f"layer {layer}")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        values = [np.nan_to_num(fn(r)) for r in run.layers.values()]
-        if values and not any(v.any() for v in values):  # a flat 0 line: say so, keep the axis at 0
-            ax.set_ylim(-0.05, 1.0)
-            ax.text(0.5, 0.5, "0 at every step", transform=ax.transAxes, ha="center", color="gray")
-    if len(run.step_S) < window:
-        axes[1].text(0.5, 0.35, f"run shorter than the {window}-step window", transform=axes[1].transAxes,
-                     ha="center", color="gray", fontsize=9)
-    if run.layers:
-        E = next(iter(run.layers.values())).num_experts
-        axes[0].axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
-        axes[2].axhline(np.log(E), color="gray", linewidth=0.8, linestyle=":")
-        axes[2].text(0.99, 0.02, f"dotted: ln E = {np.log(E):.2f}", transform=axes[2].transAxes, ha="right",
-                     fontsize=8, color="gray")
-        axes[1].set_ylim(-0.05, 1.05)
-        axes[0].legend(fontsize=8)
-    for ax in axes[3:]:
+        if title.startswith("max / mean"):
+            ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
+            ax.legend(fontsize=8)
+        if title.startswith("router entropy") and run.layers:
+            E = next(iter(run.layers.values())).num_experts
+            ax.axhline(np.log(E), color="gray", linewidth=0.8, linestyle=":")
+            ax.text(0.99, 0.02, f"dotted: ln E = {np.log(E):.2f}", transform=ax.transAxes, ha="right",
+                    fontsize=8, color="gray")
+        if title.startswith("dead experts"):
+            ax.set_ylim(-0.05, 1.05)
+    for ax in axes[len(panels):]:
+        ax.remove()
+    for ax in axes[max(0, len(panels) - cols):len(panels)]:
         ax.set_xlabel("step")
-    fig.suptitle(f"{label}: routing health")
+    fig.suptitle(f"{label}: routing health{_absent_note(constant)}")
     return _save(fig, path)

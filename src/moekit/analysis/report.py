@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from moekit.analysis.compare_plots import plot_moe_vs_dense, seeds_table
 from moekit.analysis.plots import plot_expert_load, plot_losses, plot_routing_health
 from moekit.analysis.specialization import Specialization, inspect_run, show_token
 from moekit.analysis.stats import RunMetrics, layer_summary, load_metrics
@@ -30,12 +31,16 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24
        color: #222; line-height: 1.4; padding: 0 16px; }
 h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 .meta, .note { color: #666; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 10px 0 18px; font-size: 0.88em; }
+table { border-collapse: collapse; margin: 10px 0 18px; font-size: 0.88em; display: block; max-width: 100%;
+        overflow-x: auto; }  /* a wide table scrolls by itself on a phone; the page does not */
+td { white-space: nowrap; } td.tokens, td.l { white-space: normal; }
+@media (max-width: 640px) { body { margin: 8px auto; padding: 0 8px; } h2 { margin-top: 24px; } }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }
 th { background: #f4f4f4; } td.l, th.l { text-align: left; }
 figure { margin: 12px 0 24px; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.88em; }
-code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; white-space: pre; font-size: 1.05em; }
+code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; white-space: pre-wrap; overflow-wrap: anywhere;
+       font-size: 1.05em; }
 .warn { color: #b00; font-weight: 600; } .ok { color: #080; }
 td.tokens { text-align: left; max-width: 560px; }
 """
@@ -233,6 +238,13 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, spec_to
             _img(plot_losses(runs, labels, out_dir / "loss.png"), "train and validation loss",
                  "Training loss (faint: per step; solid: moving average) and validation loss (dashed, dots), "
                  "against steps (left) and wall-clock time (right).")]
+    versus = plot_moe_vs_dense(runs, out_dir / "moe_vs_dense.png")
+    if versus is not None:
+        body += ["<h2>MoE vs dense</h2>", seeds_table(runs),
+                 _img(versus, "MoE minus dense val loss",
+                      "Left: validation loss over the second half of training, zoomed to its range (the mean of the "
+                      "seeds; band: their min..max). Right: MoE &minus; dense validation loss at each evaluation, "
+                      "per seed (thin), their mean (bold) and spread (band); below 0 means MoE is ahead.")]
     # 2. routing of each MoE run
     for run, label, run_dir in zip(runs, labels, run_dirs):
         if not run.is_moe:
@@ -242,10 +254,13 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, spec_to
         body += [f"<h2>Routing: {html.escape(label)}</h2>", _routing_table(run, label), _collapse_list(run),
                  _img(plot_expert_load(run, label, out_dir / f"load_{slug}.png"), f"expert load of {label}",
                       "Expert-load heatmaps, one per MoE layer: rows are experts, columns logged steps, colour the "
-                      "expert's share of the layer's assignments."),
+                      "expert's share of the layer's assignments. The colour scale is set by the second half of "
+                      "training (its 99th percentile), so the lasting imbalance shows; brighter early spikes "
+                      "saturate."),
                  _img(plot_routing_health(run, label, out_dir / f"health_{slug}.png"), f"routing health of {label}",
-                      "Routing health per layer: load imbalance, dead experts, router entropy, capacity drops, and "
-                      "the balance and z auxiliary losses (before their coefficients).")]
+                      "Routing health per layer: load imbalance, dead experts, router entropy, capacity drops, "
+                      "experts per token (dynamic routers), and the balance and z auxiliary losses (before their "
+                      "coefficients). A quantity that is 0 at every step gets no panel: the title says which.")]
         body.append(f"<h3>Expert specialization: {html.escape(label)}</h3>")
         if spec_tokens <= 0:
             body.append('<p class="note">Skipped (spec_tokens=0).</p>')

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from moekit.rundir import RunDir
+from moekit.rundir import DamagedFileError, RunDir
 
 __all__ = [
     "LayerRouting",
@@ -149,6 +149,7 @@ class LayerRouting:
     balance_loss_S: np.ndarray
     z_loss_S: np.ndarray
     router_entropy_S: np.ndarray
+    experts_per_token_S: np.ndarray | None = None  # logged by dynamic-k routers' runs (NaN where absent)
 
     @property
     def num_experts(self) -> int:
@@ -214,6 +215,9 @@ def load_metrics(run_dir: str | Path) -> RunMetrics:
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     recs = _read_records(run)
+    if not recs:
+        raise DamagedFileError(f"{run.metrics_path}: no records (empty, or truncated before its first line); "
+                               "nothing to report for this run")
 
     def col(key: str, rows: list[dict[str, Any]] = recs) -> np.ndarray:
         return np.array([r.get(key, np.nan) if r.get(key) is not None else np.nan for r in rows], dtype=np.float64)
@@ -229,7 +233,8 @@ def load_metrics(run_dir: str | Path) -> RunMetrics:
             layers[layer] = LayerRouting(
                 counts_SE=np.array([r["tokens_per_expert"][layer] for r in recs], dtype=np.int64),
                 drop_rate_S=per_layer("drop_rate"), balance_loss_S=per_layer("balance_loss"),
-                z_loss_S=per_layer("z_loss"), router_entropy_S=per_layer("router_entropy"))
+                z_loss_S=per_layer("z_loss"), router_entropy_S=per_layer("router_entropy"),
+                experts_per_token_S=per_layer("experts_per_token"))
     vals = [r for r in recs if "val_loss" in r]
     return RunMetrics(
         run_dir=run_dir,

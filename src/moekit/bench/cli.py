@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _table(results: list[dict]) -> str:
@@ -24,26 +24,45 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``moekit bench`` with a subparser per benchmark (layer, generate, serve)."""
     p = argparse.ArgumentParser(prog="moekit bench", description=__doc__)
-    sub = p.add_subparsers(dest="what", required=True)
+    sub = p.add_subparsers(dest="what", metavar="BENCHMARK")
     lay = sub.add_parser("layer", help="MoE layer vs the dense FFN of the same active size")
-    lay.add_argument("--shape", default="all", choices=["A", "B", "decode", "all"])
-    lay.add_argument("--threads", type=int, default=2, help="intra-op CPU threads (default 2)")
-    lay.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
-    lay.add_argument("--warmup", type=int, default=2)
-    lay.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    lay.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
+    lay.add_argument("--shape", default="all", choices=["A", "B", "decode", "all"], metavar="NAME",
+                     help="which layer shape to time; one of: A, B, decode, all (default all)")
+    lay.add_argument("--threads", type=int, default=2, metavar="N", help="intra-op CPU threads (default 2)")
+    lay.add_argument("--reps", type=int, default=7, metavar="N",
+                     help="timed repetitions; the median is reported (default 7)")
+    lay.add_argument("--warmup", type=int, default=2, metavar="N",
+                     help="untimed repetitions before timing (default 2)")
+    lay.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], metavar="NAME",
+                     help="dtype of weights and activations; one of: float32, bfloat16 (default float32)")
+    lay.add_argument("--no-hf", action="store_true", help="skip transformers' blocks (default off)")
     lay.add_argument("--no-compile", action="store_true",
-                     help="skip the torch.compile'd moekit rows (compiling takes ~1 min per shape)")
-    lay.add_argument("--json", help="write all timings here")
+                     help="skip the torch.compile'd moekit rows, ~1 min of compiling per shape (default off)")
+    lay.add_argument("--json", metavar="PATH", help="write all timings here as JSON (default none)")
     from moekit.bench.generate import add_parser as add_generate
 
     add_generate(sub)
+    from moekit.bench.formats import add_parser as add_formats
+
+    add_formats(sub)
     from moekit.bench.serve_run import add_arguments as add_serve
 
     add_serve(sub.add_parser("serve", help="throughput and latency of `moekit serve` under concurrent load"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.what is None:
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        names = "; ".join(f"{name}: {a.help}" for a in sub._choices_actions for name in [a.dest])
+        print(f"moekit bench: error: name a benchmark ({names}); moekit bench BENCHMARK --help for its "
+              "options", file=sys.stderr)
+        return 2
     if args.what == "serve":
         from moekit.bench.serve_run import run as run_serve
 
@@ -52,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         from moekit.bench.generate import run
 
         return run(args)
+    if args.what == "formats":
+        from moekit.bench.formats import run as run_formats
+
+        return run_formats(args)
 
     from moekit.bench.layer import SHAPE_GROUPS, SHAPES, bench_shape
     from moekit.runtime import configure

@@ -1,5 +1,6 @@
-"""`moekit bench generate DIR [--expert-memory SIZE] [--expert-cache lru|lfu] [--no-prefetch] [--batch 1,8]
-[--json PATH]`: decode speed, latency, memory and expert-cache figures of a model, resident or offloaded.
+"""`moekit bench generate RUN_DIR [--expert-memory SIZE] [--expert-cache lru|lfu] [--no-prefetch]
+[--batch 1,8] [--json PATH]`: decode speed, latency, memory and expert-cache figures of a model, resident or
+offloaded.
 
 Per batch size, in one process: 1. load (resident: ``moekit.hf.load_any``; with ``--expert-memory``:
 ``moekit.infer.offload.load_offloaded``), RSS sampled every 5 ms from here on; 2. the disk's cold sequential
@@ -27,24 +28,36 @@ __all__ = ["add_parser", "bench_generate", "run"]
 
 def add_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="decode speed, latency, memory and expert-cache hit rates of a model")
-    g.add_argument("run_dir", metavar="DIR", help="moekit run directory or HF model directory")
-    g.add_argument("--expert-memory", default=None,
-                   help="offload the routed experts with this cache budget (2GiB, 0 = no cache, all); "
-                        "default: everything resident")
-    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"])
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--read", default="pread", choices=["pread", "mmap"])
-    g.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    g.add_argument("--prompt-len", type=int, default=32)
-    g.add_argument("--new-tokens", type=int, default=64)
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the checkpoint's")
-    g.add_argument("--threads", type=int, default=2)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--trace", default=None, help="write the expert trace (batch size appended when several)")
-    g.add_argument("--prefetch-oracle", default=None, metavar="TRACE",
-                   help="prefetch from a trace of the same run (perfect prediction: what prefetch hides at best)")
-    g.add_argument("--json", help="write the figures here")
-
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a moekit run directory or an HF model directory")
+    g.add_argument("--expert-memory", default=None, metavar="SIZE",
+                   help="offload the routed experts with a cache of SIZE shared by all layers (2GiB, 500MB; "
+                        "0 = no cache; all = cache every expert on first use) (default none: all resident)")
+    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"], metavar="NAME",
+                   help="with --expert-memory: cache policy; one of: lru, lfu (default lru)")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --expert-memory: load the next layer's predicted experts in the background "
+                        "(default on)")
+    g.add_argument("--read", default="pread", choices=["pread", "mmap"], metavar="NAME",
+                   help="with --expert-memory: how experts are read; one of: pread (page cache dropped after "
+                        "each read), mmap (default pread)")
+    g.add_argument("--batch", default="1", metavar="LIST",
+                   help="batch sizes, comma-separated, each measured in turn (default 1)")
+    g.add_argument("--prompt-len", type=int, default=32, metavar="N",
+                   help="tokens of each random prompt (default 32)")
+    g.add_argument("--new-tokens", type=int, default=64, metavar="N",
+                   help="tokens decoded greedily per sequence (default 64)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], metavar="NAME",
+                   help="cast the weights; one of: float32, bfloat16 (default none: the checkpoint's)")
+    g.add_argument("--threads", type=int, default=2, metavar="N", help="intra-op CPU threads (default 2)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random prompts (default 0)")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="with --expert-memory: write the expert trace (JSON) here, PATH.bN per batch size N "
+                        "when several (default none)")
+    g.add_argument("--prefetch-oracle", default=None, metavar="PATH",
+                   help="with --expert-memory: prefetch from a --trace of the same run, a perfect "
+                        "prediction: what prefetch hides at best (default none: predict from the routers)")
+    g.add_argument("--json", metavar="PATH",
+                   help="write the figures of every batch size here as JSON (default none)")
 
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
@@ -122,6 +135,14 @@ def _load(path: str, expert_memory: str | None, policy: str, prefetch: bool, rea
     return _Loaded(model, om, non_expert, expert_bytes, time.perf_counter() - t_load)
 
 
+def _expert_format(model: Any) -> str:
+    """How the routed experts are held: a quantized run's format, else the weights' dtype."""
+    spec = getattr(model, "quant_spec", None)
+    if spec is not None:
+        return spec.fmt + (f"-g{spec.group}" if spec.group else "")
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(model.embed.weight.dtype, str(model.embed.weight.dtype))
+
+
 def _load_resident(path: str, dtype: str | None) -> tuple[Any, int, int]:
     """The model, the bytes of its non-expert weights, and the bytes of one expert."""
     from moekit.hf import load_any
@@ -130,8 +151,8 @@ def _load_resident(path: str, dtype: str | None) -> tuple[Any, int, int]:
     non_expert = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
                      if ".ffn.experts." not in k)
     m0 = model.moe_layers()[0].experts
-    expert_bytes = sum(w[0].numel() * w.element_size() for w in (m0.w_gate, m0.w_up, m0.w_down)
-                       if w is not None)
+    # every tensor of the experts module is (E, ...): float weights, or a quantized run's q / scale / base
+    expert_bytes = sum(t.numel() * t.element_size() for t in (*m0.parameters(), *m0.buffers())) // m0.num_experts
     return model, non_expert, expert_bytes
 
 
@@ -201,7 +222,7 @@ def _figures(m: _Loaded, tm: _Timings, peak: Any, base: dict[str, int], cache0: 
         "rss_anon_before_load_bytes": base["anon"], "page_cache_growth_bytes": page_cache_bytes() - cache0,
         # the resident (non-expert) weights are memory-mapped, so part of the growth is theirs
         "rss_file_end_bytes": rss()["file"],
-        "non_expert_bytes": m.non_expert, "expert_bytes": m.expert_bytes,
+        "non_expert_bytes": m.non_expert, "expert_bytes": m.expert_bytes, "expert_format": _expert_format(m.model),
         "weights_touched_per_step_bytes": statistics.mean(touched) if touched else 0,
         "bandwidth_gbps_measured": mem_bw, "disk_bandwidth_gbps_measured": tm.disk_bw,
     }
@@ -259,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"moekit bench generate: error: {e}", file=sys.stderr)
             return 1
         results.append(r)
-        print(f"batch {b}: {r['tokens_per_s']:.2f} tok/s, ttft {r['ttft_s']:.3f}s, itl median "
+        print(f"batch {b} ({r['expert_format']} experts, {r['expert_bytes']:,} bytes each): "
+              f"{r['tokens_per_s']:.2f} tok/s, ttft {r['ttft_s']:.3f}s, itl median "
               f"{r['itl_s']['median'] * 1e3:.1f} ms p99 {r['itl_s']['p99'] * 1e3:.1f} ms, peak anon "
               f"{r['peak_rss_anon_bytes'] / 2**20:.0f} MiB file {r['peak_rss_file_bytes'] / 2**20:.0f} MiB, hit "
               f"{r['expert_hit_rate']:.3f} (MIN {r['optimal_hit_rate']:.3f}), expert bytes/token "

@@ -21,26 +21,43 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", metavar="DIR", help="a run / HF directory to serve (or give --url)")
-    p.add_argument("--url", help="benchmark a server that is already running (http://host:port)")
-    p.add_argument("--api-key", default=None, help="bearer token of that server")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="serve two runs the same workload")
-    p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default 1,2,4,8)")
-    p.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
-    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (~4 characters each with --url)")
-    p.add_argument("--output-len", type=int, default=64, help="tokens generated per request (eos ignored)")
-    p.add_argument("--seed", type=int, default=0, help="workload seed")
-    p.add_argument("--rounds", type=int, default=1, help="run every level this many times, interleaved")
-    p.add_argument("--threads", type=int, default=2, help="server intra-op threads (default 2)")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--deterministic", action="store_true", help="serve with --deterministic")
-    p.add_argument("--serve-arg", action="append", default=[], help="extra `moekit serve` argument (repeatable)")
+    p.add_argument("model_dir", nargs="?", metavar="RUN_DIR",
+                   help="a moekit run directory or an HF model directory to serve (or give --url or "
+                        "--compare)")
+    p.add_argument("--url", help="also benchmark a server that is already running at URL, http://host:port "
+                   "(default none)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="bearer token sent with every request, for a --url server that requires one "
+                        "(default none)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="serve two runs the same workload, one after the other (default none)")
+    p.add_argument("--concurrency", default="1,2,4,8", metavar="LIST",
+                   help="concurrency levels, comma-separated (default 1,2,4,8)")
+    p.add_argument("--requests", type=int, default=16, metavar="N",
+                   help="requests per level and round (default 16)")
+    p.add_argument("--prompt-len", type=int, default=64, metavar="N",
+                   help="prompt tokens; with --url ~4 characters each (default 64)")
+    p.add_argument("--output-len", type=int, default=64, metavar="N",
+                   help="tokens generated per request, end of document ignored (default 64)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the workload's prompts (default 0)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run every level this many times, interleaved; a level's figures pool its rounds "
+                        "(default 1)")
+    p.add_argument("--threads", type=int, default=2, metavar="N",
+                   help="intra-op CPU threads of the servers started and of the baseline (default 2)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests decoded together by a started server (default 8)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="start the servers with --deterministic (default off)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the servers started, repeatable (default none)")
     p.add_argument("--metrics-cost", type=int, default=0, metavar="ROUNDS",
                    help="also time ROUNDS alternating runs with metrics on / off (--no-metrics --stats-interval 0)"
-                        " at the highest concurrency")
-    p.add_argument("--no-baseline", action="store_true", help="skip the in-process generate() baseline")
-    p.add_argument("--json", help="write every figure here")
-
+                        " at the highest concurrency (default 0: not measured)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the in-process generate() baseline (default off)")
+    p.add_argument("--json", metavar="PATH", help="write every figure here as JSON (default none)")
 
 def _load_model(path: str, threads: int):
     import torch
@@ -161,7 +178,7 @@ def run(args) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     targets = list(args.compare) if args.compare else ([args.model_dir] if args.model_dir else [])
     if not targets and not args.url:
-        print("moekit bench serve: error: give DIR, --url or --compare RUN_A RUN_B", file=sys.stderr)
+        print("moekit bench serve: error: give RUN_DIR, --url or --compare RUN_A RUN_B", file=sys.stderr)
         return 2
     texts = make_workload(args.requests, 4 * args.prompt_len, args.seed)
     report = {"meta": {"threads": args.threads, "max_batch": args.max_batch, "requests": args.requests,

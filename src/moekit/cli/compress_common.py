@@ -5,13 +5,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from moekit.cli.errors import UsageError, readable_run
 from moekit.rundir import CheckpointError, RunDir, atomic_copy
 
 __all__ = ["fail", "load_source", "run_command", "save_run"]
-
-
-class UsageError(ValueError):
-    """A bad argument: exit code 2."""
 
 
 def fail(msg: str) -> None:
@@ -20,7 +17,7 @@ def fail(msg: str) -> None:
 
 def load_source(path: str, out: str):
     """(RunDir, model) of the source run; refuses a missing run and an --out equal to it."""
-    src = RunDir(path)
+    src = RunDir(readable_run(path, "moekit"))
     if not src.is_run():
         raise UsageError(f"{path}: not a moekit run directory (no config.json)")
     if Path(out).resolve() == src.path.resolve():

@@ -16,9 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from moekit.cli.errors import readable_run
 from moekit.rundir import TOKENIZER_FILE, CheckpointError, RunDir, atomic_copy
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 # tokenizer and generation files carried over in both directions when present (tokenizer.json: the name
 # is HF's and moekit's alike)
@@ -30,24 +31,34 @@ CARRIED_FILES = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="a moekit run directory or a Hugging Face model directory")
-    p.add_argument("dst", help="output directory (of the other kind)")
+    p.add_argument("src", metavar="SRC", help="a moekit run directory or a Hugging Face model directory")
+    p.add_argument("dst", metavar="DST", help="output directory, of the other kind")
     p.add_argument(
         "--model-type",
         default=None,
-        help="HF architecture to write (moekit -> HF); default: the first that expresses the model",
+        metavar="NAME",
+        help="HF architecture to write, moekit -> HF only (default none: the one the run was converted from, "
+        "else the first that expresses the model)",
     )
     p.add_argument(
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
-        help="cast the weights (default: keep the source dtype)",
+        metavar="NAME",
+        help="cast the weights; one of: float32, bfloat16, float16 (default none: keep the source dtype)",
     )
-    p.add_argument("--max-shard-size", default="5GB", help="HF shard size (moekit -> HF), e.g. 5GB, 500MB")
     p.add_argument(
-        "--overwrite", action="store_true", help="write into a DST that already holds a config.json"
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest HF safetensors shard, moekit -> HF only, e.g. 5GB, 500MB (default 5GB)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a DST that already holds a config.json (default off: such a DST is refused)",
     )
     return p
 
@@ -62,12 +73,13 @@ def _carry(src: Path, dst: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     from moekit.hf import from_pretrained, is_hf_dir, is_moekit_dir, load_any, save_pretrained
     from moekit.hf.common import CONFIG_FILE as HF_CONFIG
 
     try:
+        readable_run(src, "moekit convert")
         if (dst / HF_CONFIG).exists() and not args.overwrite:
             raise ValueError(f"{dst} already holds a {HF_CONFIG}; pass --overwrite to replace it")
         if src.resolve() == dst.resolve():
@@ -88,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{src}: no {HF_CONFIG}; expected a moekit run directory or a Hugging Face model directory"
             )
     except (CheckpointError, ValueError) as e:
-        print(f"moekit convert: {e}", file=sys.stderr)
+        print(f"moekit convert: error: {e}", file=sys.stderr)
         return 1
     carried = _carry(src, dst)
     params = model.num_params()

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from moekit.cli.errors import readable_run
+
 __all__ = ["build_parser", "main"]
 
 
@@ -21,17 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Continue a prompt with a trained model.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a moekit run directory (config.json, "
                    "model.safetensors, tokenizer.json) or an HF model directory with a tokenizer.json")
-    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample from the nucleus of probability p only")
-    p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed (default: random, printed to stderr)")
+    p.add_argument("--prompt", default="", metavar="TEXT",
+                   help="text to continue (default empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="X",
+                   help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="N",
+                   help="sample from the N most likely tokens only (default none: all tokens)")
+    p.add_argument("--top-p", type=float, default=None, metavar="X",
+                   help="sample from the nucleus of probability X only (default none: all tokens)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="sampling seed (default none: random, printed to stderr)")
     p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop at the end-of-document token (default: yes)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+                   help="stop at the end-of-document token (default on)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op CPU threads (default none: torch's choice)")
     from moekit.cli.offload import add_offload_args
 
     add_offload_args(p)  # --expert-memory, --expert-cache, --prefetch, --read, --trace
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        readable_run(args.run_dir, "moekit generate")
         if args.expert_memory is not None:  # routed experts stay on disk (moekit.infer.offload)
             from moekit.cli.offload import load_offloaded_from_args
 

@@ -25,17 +25,31 @@ from moekit.train.runtime import LocalRuntime, Runtime
 __all__ = ["launch_torchrun", "make_runtime"]
 
 
-def launch_torchrun(argv: list[str], nproc: int) -> int:
-    """``moekit train --nproc N ARGS`` = ``torchrun --standalone --nproc-per-node N -m moekit train ARGS``."""
+# the launcher's own flags: torchrun's, not passed on to the ranks
+_LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def torchrun_args(nproc: int, pcfg: ParallelConfig | None = None) -> list[str]:
+    """torchrun's flags: one machine (--standalone), or node ``node_rank`` of ``nnodes`` joining the c10d
+    rendezvous at ``rdzv_endpoint`` (the same command on every node; NCCL or gloo is picked per rank)."""
+    if pcfg is None or pcfg.nnodes == 1 and pcfg.rdzv_endpoint is None:
+        return ["--standalone", f"--nproc-per-node={nproc}"]
+    return [f"--nnodes={pcfg.nnodes}", f"--node-rank={pcfg.node_rank}", f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={pcfg.rdzv_endpoint}", "--rdzv-id=moekit"]
+
+
+def launch_torchrun(argv: list[str], nproc: int, pcfg: ParallelConfig | None = None) -> int:
+    """``moekit train --nproc N ARGS`` = ``torchrun --standalone --nproc-per-node N -m moekit train ARGS``;
+    with ``--nnodes M --node-rank R --rdzv-endpoint HOST:PORT``, torchrun's c10d rendezvous instead."""
     rest, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in _LAUNCH_FLAGS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f + "=" for f in _LAUNCH_FLAGS)):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, pcfg),
            "-m", "moekit", "train", *rest]
     print("moekit train: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     fd, stop_file = tempfile.mkstemp(prefix="moekit-stop-", suffix=".json")
@@ -74,11 +88,15 @@ def make_runtime(pcfg: ParallelConfig, run_dir: Path, *, resume: bool, compare: 
     if "WORLD_SIZE" not in os.environ:
         if ep != 1:
             raise ValueError(f"--ep {ep} needs a multiple of {ep} processes: add --nproc N or use torchrun")
+        if pcfg.param_dtype or pcfg.reduce_dtype:
+            raise ValueError("--param-dtype / --reduce-dtype are FSDP's mixed-precision policy: they need "
+                             "a distributed run (--nproc N or torchrun)")
         if resume and RunDir(run_dir).has_dcp():
             # imported only here: torch.distributed.checkpoint costs seconds of start-up on a plain run
             from moekit.train.distributed import DistributedRuntime
 
-            return DistributedRuntime(None, run_dir)  # a distributed run, resumed on one process
+            return DistributedRuntime(None, run_dir, param_dtype=pcfg.param_dtype,
+                                      reduce_dtype=pcfg.reduce_dtype)  # a distributed run, resumed on one process
         return LocalRuntime()
     if compare:
         raise ValueError("--compare trains single-process runs; drop --nproc/--ep (or torchrun)")
@@ -96,4 +114,5 @@ def make_runtime(pcfg: ParallelConfig, run_dir: Path, *, resume: bool, compare: 
     if rank != 0:  # rank 0 reports; the others keep stderr for their own errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     stop_file = os.environ.get("MOEKIT_STOP_FILE") if rank == 0 else None
-    return DistributedRuntime(groups, run_dir, stop_file=Path(stop_file) if stop_file else None)
+    return DistributedRuntime(groups, run_dir, stop_file=Path(stop_file) if stop_file else None, fsdp=pcfg.fsdp,
+                              param_dtype=pcfg.param_dtype, reduce_dtype=pcfg.reduce_dtype)

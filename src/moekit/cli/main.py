@@ -4,11 +4,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+from moekit.cli.errors import guarded
+
 __all__ = ["main", "COMMANDS"]
 
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moekit.cli.train", "train an MoE language model (default: built-in corpus); --compare vs dense"),
+    "sweep": ("moekit.cli.sweep", "train 1, 2, 4, ... experts at equal active compute: the Switch scaling curve"),
     "generate": ("moekit.cli.generate", "sample text from a run directory"),
     "bench": ("moekit.bench.cli", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
     "spec": ("moekit.spec.cli", "total/active parameters, FLOPs and memory of a model"),
@@ -31,8 +34,12 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded(f"moekit {argv[0]}" if argv and argv[0] in COMMANDS else "moekit", lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":
         from moekit import __version__

@@ -12,14 +12,18 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experts beyond RAM")
     g.add_argument("--expert-memory", default=None, metavar="SIZE",
                    help="keep the routed experts on disk with a cache of SIZE shared by all layers (2GiB, "
-                        "500MB; 0 = no cache; all = cache every expert on first use); default: load everything")
-    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"], help="cache policy (default lru)")
+                        "500MB; 0 = no cache; all = cache every expert on first use) (default none: load "
+                        "everything)")
+    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"], metavar="NAME",
+                   help="with --expert-memory: cache policy; one of: lru, lfu (default lru)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
-                   help="load the next layer's predicted experts in the background (default: yes)")
-    g.add_argument("--read", default="pread", choices=["pread", "mmap"],
-                   help="pread + drop the page cache (bounded), or safetensors' memory map")
-    g.add_argument("--trace", default=None, metavar="PATH", help="write the expert trace (JSON) here")
-
+                   help="with --expert-memory: load the next layer's predicted experts in the background "
+                        "(default on)")
+    g.add_argument("--read", default="pread", choices=["pread", "mmap"], metavar="NAME",
+                   help="with --expert-memory: how experts are read; one of: pread (page cache dropped after "
+                        "each read, bounded), mmap (safetensors' memory map) (default pread)")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="with --expert-memory: write the expert trace (JSON) here (default none)")
 
 def load_offloaded_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, OffloadedModel)."""

@@ -1,4 +1,5 @@
-"""``moekit prune RUN --keep N --method frequency|reap [--calib PATH] --out DIR``: remove experts per layer.
+"""``moekit prune RUN_DIR --keep N --method frequency|reap [--calib PATH] --out DIR``: remove experts
+per layer.
 
 Each MoE layer keeps its N best experts by routing frequency or REAP (router-weighted expert activation
 norm, arXiv 2510.13999) on calibration tokens (default: the run's validation split, 32k tokens); router
@@ -19,12 +20,18 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit prune", description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("run", metavar="RUN", help="moekit MoE run directory")
-    p.add_argument("--keep", type=int, required=True, metavar="N", help="experts to keep per MoE layer")
-    p.add_argument("--method", default="reap", choices=("frequency", "reap"), help="expert score (default reap)")
-    p.add_argument("--calib", metavar="PATH", help="calibration text / token .bin (default: the validation split)")
-    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output run directory")
+    p.add_argument("run", metavar="RUN_DIR", help="moekit MoE run directory")
+    p.add_argument("--keep", type=int, required=True, metavar="N",
+                   help="experts to keep per MoE layer, 1 to E-1 (default none: required)")
+    p.add_argument("--method", default="reap", choices=("frequency", "reap"), metavar="NAME",
+                   help="expert score; one of: frequency (routing frequency), reap (router-weighted expert "
+                        "activation norm) (default reap)")
+    p.add_argument("--calib", metavar="PATH",
+                   help="calibration text / token .bin (default none: the run's validation split)")
+    p.add_argument("--calib-tokens", type=int, default=32768, metavar="N",
+                   help="calibration tokens (default 32768)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output run directory (default none: required)")
     return p
 
 

@@ -1,4 +1,4 @@
-"""``moekit quantize RUN --format int8|int4 [--group 32|64|128] --out DIR``: weight-only quantization.
+"""``moekit quantize RUN_DIR --format int8|int4 [--group 32|64|128] --out DIR``: weight-only quantization.
 
 Every routed expert weight is quantized (a count checks 100 %); shared experts and attention only with
 ``--include shared,attention``; embeddings, norms, routers and the LM head stay in their dtype. GPTQ on
@@ -18,17 +18,27 @@ __all__ = ["main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit quantize", description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("run", metavar="RUN", help="moekit run directory to quantize")
-    p.add_argument("--format", required=True, choices=("int8", "int4"),
-                   help="int8: a scale per (expert, row); int4: symmetric, a scale per group of inputs")
-    p.add_argument("--group", type=int, choices=(32, 64, 128), help="int4 inputs per scale (default 32)")
-    p.add_argument("--include", default="", help="also quantize: comma list of shared, attention")
-    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"),
-                   help="gptq (error-compensating, needs calibration tokens) or rtn (round to nearest)")
-    p.add_argument("--calib", metavar="PATH", help="calibration text / token .bin (default: the run's train split)")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    p.add_argument("--eval", action="store_true", help="compare with the source on the validation split")
-    p.add_argument("--out", required=True, metavar="DIR", help="output run directory")
+    p.add_argument("run", metavar="RUN_DIR", help="moekit run directory to quantize")
+    p.add_argument("--format", required=True, choices=("int8", "int4"), metavar="NAME",
+                   help="weight format; one of: int8 (a scale per expert row), int4 (symmetric, a scale "
+                        "per group of inputs) (default none: required)")
+    p.add_argument("--group", type=int, choices=(32, 64, 128), metavar="N",
+                   help="int4 only: inputs per scale; one of: 32, 64, 128 (default 32)")
+    p.add_argument("--include", default="", metavar="LIST",
+                   help="also quantize these, comma-separated: shared, attention (default empty: the routed "
+                        "experts only)")
+    p.add_argument("--method", default="gptq", choices=("gptq", "rtn"), metavar="NAME",
+                   help="quantizer; one of: gptq (error-compensating, needs calibration tokens), rtn (round "
+                        "to nearest) (default gptq)")
+    p.add_argument("--calib", metavar="PATH",
+                   help="gptq calibration text / token .bin (default none: the run's train split)")
+    p.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
+                   help="calibration tokens (default 16384)")
+    p.add_argument("--eval", action="store_true",
+                   help="compare with the source on the validation split: KL, top-1 agreement, perplexity "
+                        "(default off)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output run directory (default none: required)")
     return p
 
 

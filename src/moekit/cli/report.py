@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from moekit.cli.errors import readable_run
+
 __all__ = ["build_parser", "expand_run_dirs", "main"]
 
 
@@ -15,12 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write report.html (figures embedded) and its PNGs: loss against steps and wall time, "
                     "expert-load heatmaps, routing health, collapse warnings, expert specialization, "
                     "parameters and tokens/s of every run given.")
-    p.add_argument("run_dirs", type=Path, nargs="+",
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIRS",
                    help="run directories; a folder of runs (e.g. a --compare output) stands for the runs in it")
-    p.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report, or COMMON_PARENT/report)")
-    p.add_argument("--spec-tokens", type=int, default=4096,
-                   help="held-out tokens for the specialization tables (0 = skip; default 4096)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default none: report/ in the one path given, else in the runs' "
+                        "common parent)")
+    p.add_argument("--spec-tokens", type=int, default=4096, metavar="N",
+                   help="held-out tokens for the specialization tables, 0 = skip them (default 4096)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default none: torch's choice)")
     return p
 
 
@@ -45,9 +50,9 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        runs = expand_run_dirs(args.run_dirs)
+        runs = [readable_run(r, "moekit report") for r in expand_run_dirs(args.run_dirs)]
     except FileNotFoundError as e:
-        print(f"moekit report: {e}", file=sys.stderr)
+        print(f"moekit report: error: {e}", file=sys.stderr)
         return 2
     if args.out is not None:
         out = args.out
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from moekit.analysis.report import write_report
 
-    path = write_report(runs, out, spec_tokens=args.spec_tokens)
+    try:
+        path = write_report(runs, out, spec_tokens=args.spec_tokens)
+    except (ValueError, OSError) as e:  # an empty or damaged metrics.jsonl, a config that is not JSON
+        print(f"moekit report: error: {e}", file=sys.stderr)
+        return 1
     print(f"report: {path} ({len(runs)} run(s): {', '.join(str(r) for r in runs)})")
     return 0

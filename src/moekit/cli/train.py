@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moekit.cli.errors import UsageError
 from moekit.cli.flags import add_field_flags, field_flags, flag_name
+from moekit.cli.train_checks import check_flags, claim_out_dir, resumed_train_config
+from moekit.cli.train_compare import resume_compare, run_compare
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig, TrainConfig, training_only_fields
-from moekit.rundir import RunDir
+from moekit.rundir import COMPARE_FILE, CONFIG_FILE, RunDir
 from moekit.cli.launch import launch_torchrun, make_runtime
 
 __all__ = ["build_parser", "default_model_config", "main", "resolve_configs", "resolve_init_configs",
@@ -37,6 +41,7 @@ MOE_ALIASES = {"num_experts": "experts", "top_k": "top_k", "router": "router", "
 MODEL_SKIP = ("vocab_size",  # --vocab-size: the tokenizer trained on the data sets it
               "moe",  # the --moe.<field> flags
               "mla",  # a nested config: set it in the "model" section of --config
+              "rope_scaling",  # likewise
               "dense")  # --dense trains the dense baseline (moekit.train.compare.dense_baseline)
 MOE_SKIP = ("d_model",)  # always the model's d_model
 # namespace dest -> ModelConfig field ("moe." for MoEConfig's)
@@ -72,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the defaults, under the flags (default none)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR up to --steps, with its "
                    "own configs; only training flags apply (default none)")
+    r.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run: "
+                   "its files are removed first (default off: such an --out is refused)")
+    r.add_argument("--extend-schedule", action="store_true", help="with --resume and a larger --steps: stretch "
+                   "the lr cosine to the new --steps (default off: the run's schedule is kept, its floor lr "
+                   "after its end)")
     r.add_argument("--from-step", type=int, metavar="S", help="with --resume: continue from the kept checkpoint "
                    "of step S (see --keep-checkpoints) instead of the latest (default none: the latest)")
     r.add_argument("--dense", action="store_true", help="train the dense baseline: one SwiGLU MLP per layer "
@@ -104,10 +114,21 @@ def _set(d: dict, dotted: str, value: Any) -> None:
 def _file_config(given: dict[str, Any]) -> dict[str, Any]:
     if "config" not in given:
         return {}
+    where = f"--config {given['config']}"
     try:
-        return json.loads(Path(given["config"]).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"moekit train: cannot read --config {given['config']}: {e}")
+        cfg = json.loads(Path(given["config"]).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read {where}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{where} holds a JSON {type(cfg).__name__}; expected an object "
+                         '{"model": {...}, "train": {...}}')
+    unknown = sorted(set(cfg) - {"model", "train"})
+    if unknown:
+        raise UsageError(f"{where}: unknown section(s) {', '.join(map(repr, unknown))}; the sections are "
+                         '"model" and "train"')
+    return cfg
 
 
 def _train_config(given: dict[str, Any], file_cfg: dict[str, Any]) -> TrainConfig:
@@ -173,22 +194,31 @@ def resolve_init_configs(ns: argparse.Namespace, init_cfg: ModelConfig) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    given = vars(ns)
     try:
+        check_flags(given, MODEL_DESTS)
         pcfg = resolve_parallel(ns)
+        if pcfg.nproc is not None:  # re-run this very command under torchrun with --nproc processes
+            if "resume" not in given and pcfg.node_rank == 0:  # other nodes' ranks write under node 0's
+                claim_out_dir(_out_dir(given), overwrite="overwrite" in given, compare="compare" in given)
+            return launch_torchrun([a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"],
+                                   pcfg.nproc, pcfg)
     except ValueError as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 2
-    if pcfg.nproc is not None:  # re-run this very command under torchrun with --nproc processes
-        return launch_torchrun(list(sys.argv[1:] if argv is None else argv), pcfg.nproc)
     from moekit.rundir import CheckpointError
     from moekit.train.loop import RoutingCollapsed, TrainingDiverged
 
     try:
-        given = vars(ns)
+        if "resume" in given and "compare" in given:
+            return resume_compare(Path(given["resume"]), _overrides(given), _prepare_compare_data)
         if "resume" in given and "init_from" not in given:
             return _resume(given, pcfg)
         return _new_run(ns, pcfg)
-    except (TrainingDiverged, RoutingCollapsed, CheckpointError, ValueError, FileNotFoundError) as e:
+    except UsageError as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, RoutingCollapsed, CheckpointError, ValueError, OSError) as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # a collective failed: a rank died, hung, or disagrees
@@ -203,18 +233,21 @@ def main(argv: list[str] | None = None) -> int:
 def _resume(given: dict[str, Any], pcfg: ParallelConfig) -> int:
     """--resume RUN: the run's own configs, with this invocation's training overrides."""
     from moekit.data import prepare_data
-    from moekit.rundir import CONFIG_FILE
-    from moekit.train.loop import train
+    from moekit.train.loop import lr_at, train
 
     run = RunDir(given["resume"])
     if not run.is_run():
-        print(f"moekit train: --resume {run.path}: no {CONFIG_FILE} there; not a moekit run directory",
-              file=sys.stderr)
-        return 2
+        hint = " (a comparison: add --compare)" if (run.path / COMPARE_FILE).is_file() else ""
+        raise UsageError(f"--resume {run.path}: no {CONFIG_FILE} there; not a moekit run directory{hint}")
     mcfg = run.config()
-    tcfg = run.train_config().replace(**{TRAIN_DESTS[k]: v for k, v in given.items() if k in TRAIN_DESTS})
-    torch.set_num_threads(tcfg.threads or torch.get_num_threads())
+    run_tcfg = run.train_config()
     rt = make_runtime(pcfg, run.path, resume=True, compare=False)
+    step = given.get("from_step", rt.last_checkpoint_step(run))
+    if step is None:
+        raise UsageError(f"--resume {run.path}: no checkpoint there yet; start the run again with --overwrite")
+    tcfg = resumed_train_config(run_tcfg, _overrides(given), step, extend_schedule="extend_schedule" in given,
+                                lr_at=lr_at)
+    torch.set_num_threads(tcfg.threads or torch.get_num_threads())
     # a run started with --init-from encodes with its model's tokenizer, kept as the run's own
     tok_path = run.tokenizer_path if run.init_path.is_file() else None
     data = rt.rank0_first(lambda: prepare_data(run.data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes,
@@ -230,24 +263,26 @@ def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
     from moekit.data import prepare_data
     from moekit.train.compare import dense_baseline
     from moekit.train.loop import train
+    from moekit.train.memory import check_fits
 
     given = vars(ns)
-    if "from_step" in given:
-        raise ValueError("--from-step S picks the checkpoint a --resume continues from: add --resume RUN")
     init = None
     if "init_from" in given:
         from moekit.train.init import load_init
 
         init = load_init(given["init_from"])
-        mcfg, tcfg = resolve_init_configs(ns, init.config)
-    else:
-        mcfg, tcfg = resolve_configs(ns)
+    try:  # a value out of range, or a run too large for this machine: the command line's fault
+        mcfg, tcfg = resolve_init_configs(ns, init.config) if init is not None else resolve_configs(ns)
+        check_fits(dense_baseline(mcfg) if "dense" in given else mcfg, tcfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     torch.set_num_threads(tcfg.threads or torch.get_num_threads())
-    default_out = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
-    out = Path(given.get("out", default_out))
-    rt = make_runtime(pcfg, out, resume=False, compare="compare" in given)
+    out = _out_dir(given)
     if init is not None and out.resolve() == init.path.resolve():
-        raise ValueError(f"--out {out} is the --init-from directory; write the new run elsewhere")
+        raise UsageError(f"--out {out} is the --init-from directory; write the new run elsewhere")
+    if "WORLD_SIZE" not in os.environ:  # under torchrun the launching `moekit train --nproc` checked it
+        claim_out_dir(out, overwrite="overwrite" in given, compare="compare" in given)
+    rt = make_runtime(pcfg, out, resume=False, compare="compare" in given)
     tok_path = init.tokenizer_path if init is not None else None
     data = rt.rank0_first(lambda: prepare_data(RunDir(out).data_dir, tcfg.data, tcfg.vocab_size,
                                                tcfg.max_data_bytes, tokenizer_path=tok_path))
@@ -256,7 +291,7 @@ def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
     print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
           f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
     if "compare" in given:
-        return _compare(mcfg, tcfg, out, data, given.get("seeds", 1))
+        return run_compare(mcfg, tcfg, out, data, given.get("seeds", 1))
     if "dense" in given:
         mcfg = dense_baseline(mcfg)
     init_state = None
@@ -272,18 +307,6 @@ def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
     return 130 if res.interrupted else 0
 
 
-def _compare(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, data: Any, seeds: int) -> int:
-    from moekit.train.compare import compare, format_summary
-
-    summary = compare(mcfg, tcfg, out, data, seeds=seeds)
-    if summary.get("interrupted"):
-        return 130
-    print(format_summary(summary))
-    print(f"summary: {out / 'summary.json'}")
-    _maybe_report(out, summary)
-    return 0
-
-
 def _report(res) -> None:
     val = f"{res.final_val_loss:.4f}" if res.final_val_loss is not None else "n/a"
     print(f"run {res.run_dir}: step {res.step}, train loss {res.final_loss:.4f}, val loss {val}, "
@@ -291,12 +314,17 @@ def _report(res) -> None:
           f"active {res.params['active_params']:,}")
 
 
-def _maybe_report(out: Path, summary: dict) -> None:
-    """Write the HTML report of the comparison when the analysis package provides it."""
-    try:
-        from moekit.analysis.report import write_report
-    except ImportError:
-        return
-    runs = [Path(r["run_dir"]) for r in summary["moe"]["per_seed"][:1] + summary["dense"]["per_seed"][:1]]
-    path = write_report(runs, out / "report")
-    print(f"report: {path}")
+def _out_dir(given: dict[str, Any]) -> Path:
+    default = "runs/compare" if "compare" in given else ("runs/dense" if "dense" in given else "runs/moe")
+    return Path(given.get("out", default))
+
+
+def _overrides(given: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields this invocation sets by flag."""
+    return {TRAIN_DESTS[k]: v for k, v in given.items() if k in TRAIN_DESTS}
+
+
+def _prepare_compare_data(out: Path, tcfg: TrainConfig) -> Any:
+    from moekit.data import prepare_data
+
+    return prepare_data(RunDir(out).data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes)

@@ -1,4 +1,4 @@
-"""``moekit upcycle DENSE_RUN --experts E --top-k K [--granularity G] [--router R] --out DIR``.
+"""``moekit upcycle RUN_DIR --experts E --top-k K [--granularity G] [--router NAME] --out DIR``.
 
 Every dense FFN (hidden F) becomes E experts of hidden F/G: expert e = c*G + s is hidden slice s of copy
 c = e // G of the dense FFN. The router starts so that at step 0 the MoE computes exactly the dense model
@@ -21,16 +21,23 @@ def build_parser() -> argparse.ArgumentParser:
     from moekit.compress.upcycle import UPCYCLE_ROUTERS
 
     p = argparse.ArgumentParser(prog="moekit upcycle", description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("run", metavar="DENSE_RUN", help="dense moekit run directory (moekit train --dense)")
-    p.add_argument("--experts", type=int, required=True, metavar="E", help="experts per MoE layer (all slices)")
-    p.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token (a multiple of G)")
-    p.add_argument("--granularity", type=int, default=1, metavar="G", help="slices per dense FFN (default 1)")
-    p.add_argument("--router", default="topk", metavar="R",
-                   help=f"router kind: {', '.join(UPCYCLE_ROUTERS)} (default topk; expert_choice is refused)")
-    p.add_argument("--no-norm-topk", action="store_true", help="do not renormalise the top-k weights")
-    p.add_argument("--router-init", choices=("random", "zero"), help="default: random where exact, else zero")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random router rows")
-    p.add_argument("--out", required=True, metavar="DIR", help="output run directory")
+    p.add_argument("run", metavar="RUN_DIR", help="dense moekit run directory (moekit train --dense)")
+    p.add_argument("--experts", type=int, required=True, metavar="E",
+                   help="experts per MoE layer, all slices (default none: required)")
+    p.add_argument("--top-k", type=int, required=True, metavar="K",
+                   help="experts per token, a multiple of G (default none: required)")
+    p.add_argument("--granularity", type=int, default=1, metavar="G",
+                   help="slices per dense FFN, each expert of hidden F/G (default 1)")
+    p.add_argument("--router", default="topk", metavar="NAME",
+                   help=f"router kind; one of: {', '.join(UPCYCLE_ROUTERS)} (default topk)")
+    p.add_argument("--no-norm-topk", action="store_true",
+                   help="do not renormalise the top-k weights (default off: renormalised)")
+    p.add_argument("--router-init", choices=("random", "zero"), metavar="NAME",
+                   help="router start; one of: random, zero (default none: random where exact, else zero)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the random router rows (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output run directory (default none: required)")
     return p
 
 

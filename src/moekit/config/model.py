@@ -6,10 +6,12 @@ from typing import Any, Self
 
 from moekit.config.base import ConfigBase, setting
 from moekit.config.moe import MoEConfig
+from moekit.config.rope import RopeScaling
 
 __all__ = ["QK_NORM_SCOPES", "MLAConfig", "ModelConfig"]
 
 QK_NORM_SCOPES = ("head", "full")
+NORM_TYPES = ("rms", "layer", "layer_bias")
 
 
 @dataclass(frozen=True)
@@ -90,15 +92,47 @@ class ModelConfig(ConfigBase):
     dense_layers: tuple[int, ...] = setting((), "layer indices forced dense (Qwen's mlp_only_layers)")
     mla: MLAConfig | None = setting(  # noqa: RUF009 - setting() returns a dataclasses.field
         None, "multi-head latent attention (DeepSeek-V3) instead of GQA")
+    rope_scaling: RopeScaling | None = setting(  # noqa: RUF009 - setting() returns a dataclasses.field
+        None, "RoPE frequency scaling (yarn, linear, dynamic, llama3); none = plain RoPE")
+    sliding_window: int | None = setting(None, "keys a query sees, itself included, in the sliding-window "
+                                         "layers; none = the whole context")
+    sliding_layers: tuple[int, ...] | None = setting(None, "layer indices with the sliding window; none = "
+                                                     "every layer (when sliding_window is set)")
+    attn_sinks: bool = setting(False, "a learned per-head logit in every softmax that takes probability "
+                               "mass and contributes no value (gpt-oss)")
+    # Granite's multipliers
+    embed_scale: float = setting(1.0, "the input embeddings are multiplied by this")
+    residual_scale: float = setting(1.0, "each attention and feed-forward output is multiplied by this "
+                                    "before it joins the residual stream")
+    attn_scale: float | None = setting(None, "the attention softmax scale; none = head_dim ** -0.5")
+    logits_divisor: float = setting(1.0, "the output logits are divided by this")
+    norm_type: str = setting("rms", "the block and final norms: RMSNorm, LayerNorm without bias (DBRX) or "
+                             "with one (PhiMoE)", choices=NORM_TYPES)
+    lm_head_bias: bool = setting(False, "a bias on the output head (PhiMoE); needs an untied head")
+    attn_experts: int = setting(0, "mixture of attention heads (JetMoE): attention experts per layer, each "
+                                "with its own q and o projections; 0 = plain attention")
+    attn_top_k: int = setting(1, "attention experts per token (attn_experts > 0); n_heads must be "
+                              "n_kv_heads * attn_top_k")
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        if self.moe.router == "hash" and self.moe.hash_vocab_size is None:  # the table covers the vocabulary
+            object.__setattr__(self, "moe", self.moe.replace(hash_vocab_size=self.vocab_size))
         if isinstance(self.mla, dict):
             object.__setattr__(self, "mla", MLAConfig.from_dict(self.mla))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        self._check_window()
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.dense_layers):
             raise ValueError(f"dense_layers={self.dense_layers} must hold layer indices in [0, {self.n_layers})")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type={self.norm_type!r} is unknown; choose one of {NORM_TYPES}")
+        if self.attn_experts:
+            self._check_moa()
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ValueError("lm_head_bias=True needs tie_embeddings=False (a tied head has no bias of its own)")
         if self.qk_norm_scope not in QK_NORM_SCOPES:
             raise ValueError(f"qk_norm_scope={self.qk_norm_scope!r} is unknown; choose 'head' or 'full'")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
@@ -119,6 +153,40 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.hd % 2:
             raise ValueError(f"head_dim={self.hd} must be even for RoPE")
+
+    def _check_window(self) -> None:
+        w, layers = self.sliding_window, self.sliding_layers
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise ValueError(f"sliding_window={w!r} must be an integer >= 1 (or None)")
+        if layers is not None:
+            object.__setattr__(self, "sliding_layers", tuple(layers))
+            if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.sliding_layers):
+                raise ValueError(f"sliding_layers={layers} must hold layer indices in [0, {self.n_layers})")
+        if (w is not None or self.attn_sinks or self.attn_scale is not None) and self.mla is not None:
+            raise ValueError("sliding_window / attn_sinks / attn_scale are not implemented for multi-head latent "
+                             "attention (its scale is mla.softmax_scale)")
+        for name in ("embed_scale", "residual_scale", "logits_divisor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.attn_scale is not None and not self.attn_scale > 0:
+            raise ValueError(f"attn_scale={self.attn_scale!r} must be > 0 (or None)")
+
+    def _check_moa(self) -> None:
+        E, K = self.attn_experts, self.attn_top_k
+        if not isinstance(E, int) or E < 0 or not isinstance(K, int) or not 1 <= K <= max(E, 1):
+            raise ValueError(f"attn_top_k={K!r} must be in [1, attn_experts={E!r}]")
+        if self.mla is not None or self.attn_sinks or self.sliding_window is not None or self.qk_norm:
+            raise ValueError("attn_experts (mixture of attention) goes with plain attention only: no mla, "
+                             "sinks, sliding window or q-k norm")
+        if self.n_heads != self.kv_heads * K:
+            raise ValueError(f"n_heads={self.n_heads} must be n_kv_heads * attn_top_k = {self.kv_heads * K} "
+                             "with attn_experts")
+
+    def window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None where it attends to the whole context."""
+        if self.sliding_window is None or (self.sliding_layers is not None and i not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @property
     def kv_heads(self) -> int:

@@ -158,9 +158,11 @@ def _select(
     for split in ("train", "val"):
         if not chosen[split]:
             raise ValueError(
-                f"corpus {source!r} has no {split} documents (found {len(keyed)} documents; "
-                f"val_fraction={val_fraction}, max_bytes={max_bytes}, max_files={max_files}); "
-                "add more text or raise the caps"
+                f"corpus {source!r} has no {split} documents: {len(keyed)} document(s) found, each assigned "
+                f"to train or val by a hash of its name ({val_fraction:.0%} val)"
+                + (f", at most {max_bytes:,} bytes read (--max-data-bytes)" if max_bytes else "")
+                + "; add more documents (files, or .jsonl lines)"
+                + (" or raise --max-data-bytes" if max_bytes else "")
             )
     return Corpus(source, tuple(chosen["train"]), tuple(chosen["val"]))
 
@@ -307,8 +309,10 @@ def _text_file_corpus(path: Path, val_fraction: float, max_bytes: int | None) ->
     for s in ("train", "val"):
         if not chunks[s]:
             raise ValueError(f"text file {str(path)!r} gives no {s} text ({n_lines} lines, "
-                             f"val_fraction={val_fraction}, max_bytes={max_bytes}); it needs at least "
-                             "2 lines and a max_bytes larger than its first line")
+                             f"{val_fraction:.0%} of them for val"
+                             + (f", at most {max_bytes:,} bytes read" if max_bytes else "")
+                             + "): it needs at least 2 lines"
+                             + (", and --max-data-bytes larger than its first line" if max_bytes else ""))
     return Corpus(str(path), tuple(chunks["train"]), tuple(chunks["val"]), separate_documents=False)
 
 

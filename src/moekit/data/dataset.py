@@ -29,6 +29,7 @@ from moekit.data.tokenizer import (
     TOKENIZER_FILE,
     document_separator,
     eot_id,
+    read_tokenizer_file,
     save_tokenizer,
     train_tokenizer,
     vocab_extent,
@@ -258,7 +259,7 @@ def _open_model_tokenizer(tokenizer_path: str | os.PathLike[str]) -> _ModelToken
     src = src / TOKENIZER_FILE if src.is_dir() else src
     if not src.is_file():
         raise FileNotFoundError(f"tokenizer file {str(src)!r} does not exist")
-    tok = Tokenizer.from_file(str(src))
+    tok = read_tokenizer_file(src)
     tok.encode_special_tokens = True  # as moekit's own: a document's text never yields a special token
     sep = document_separator(tok, src.parent)
     return _ModelTokenizer(src, tok, sep, hashlib.sha256(src.read_bytes()).hexdigest())

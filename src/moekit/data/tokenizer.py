@@ -19,9 +19,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from moekit.rundir import CONFIG_FILE, HF_CONFIG_FILE, TOKENIZER_FILE, atomic_write
+from moekit.rundir import CONFIG_FILE, HF_CONFIG_FILE, TOKENIZER_FILE, DamagedFileError, atomic_write
 
 __all__ = [
+    "read_tokenizer_file",
     "CODE_KINDS",
     "EOT",
     "MIN_VOCAB_SIZE",
@@ -86,6 +87,16 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, tok.to_str())
 
 
+def read_tokenizer_file(path: str | os.PathLike[str]) -> Tokenizer:
+    """``Tokenizer.from_file``, with a damaged file named instead of a Rust parse error."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedFileError(f"{path}: cannot be read as a tokenizer ({reason}); the file is damaged: copy "
+                               "it again from the run or model it came from") from None
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer from a ``tokenizer.json`` file or a run directory holding one."""
     path = Path(path)
@@ -94,7 +105,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist; expected a {TOKENIZER_FILE} "
                                 "or a run directory holding one")
-    tok = Tokenizer.from_file(str(path))
+    tok = read_tokenizer_file(path)
     if tok.token_to_id(EOT) is None:
         raise ValueError(f"tokenizer {str(path)!r} has no {EOT} token; it was not made by train_tokenizer")
     return _configure(tok)

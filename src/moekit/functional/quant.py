@@ -21,6 +21,7 @@ spread over the columns not yet quantized.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,9 +87,18 @@ def _int8_scales(w_EOI: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return code_EO, base_E, decode_int8_scale(code_EO, base_E)
 
 
+@functools.cache
+def _code_steps() -> Tensor:
+    """2^(-code / 32) for the 256 codes, computed once."""
+    return torch.exp2(-torch.arange(256, dtype=torch.float32) / _CODE_STEPS)
+
+
 def decode_int8_scale(code_EO: Tensor, base_E: Tensor) -> Tensor:
-    """(E, O) fp32 scales of int8 codes: base * 2^(-code / 32)."""
-    return base_E[:, None] * torch.exp2(-code_EO.float() / _CODE_STEPS)
+    """(E, O) fp32 scales of int8 codes: base * 2^(-code / 32). A table lookup, not exp2 of the codes:
+    aten's exp2 takes a vector path or a scalar one (1 ulp apart) by an element's place in the tensor,
+    so decoding one expert's rows must not give other bits than decoding all of them (the expert cache
+    decodes experts one at a time)."""
+    return base_E[:, None] * _code_steps().to(code_EO.device)[code_EO.long()]
 
 
 def _int4_scales(w_EOI: Tensor, group: int) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "Routing",
     "Assignments",
+    "pick_topk",
     "topk_route",
     "noisy_topk_route",
     "sigmoid_bias_route",
@@ -42,6 +43,13 @@ class Routing:
     token_A: Tensor | None = None  # expert choice / dense: assignment lists
     expert_A: Tensor | None = None
     weight_A: Tensor | None = None
+    # dynamic-k routers (top_p, relu): which of the K columns are real picks (the rest carry weight 0)
+    active_TK: Tensor | None = None
+    # relu: the router's own weight on its regulariser (ReMoE's adaptive lambda, a 0-d fp32 tensor)
+    aux_coef: Tensor | None = None
+    # hierarchical: the outer (group) gate's probabilities and picks, for the group-level balance term
+    group_probs_TG: Tensor | None = None
+    group_indices_TG: Tensor | None = None
 
 
 @dataclass
@@ -57,19 +65,29 @@ class Assignments:
         return Assignments(self.token_A[keep_A], self.expert_A[keep_A], self.weight_A[keep_A], self.rank_A[keep_A])
 
 
-def topk_route(logits_TE: Tensor, k: int, *, normalize: bool) -> Routing:
+def pick_topk(scores_TE: Tensor, k: int, picks_TK: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(values, indices) of each row's k best scores in rank order; with ``picks_TK`` (routing replay)
+    those experts instead, in their recorded order, and their current scores."""
+    if picks_TK is None:
+        return scores_TE.topk(k, dim=-1)
+    return scores_TE.gather(1, picks_TK), picks_TK
+
+
+def topk_route(logits_TE: Tensor, k: int, *, normalize: bool, picks_TK: Tensor | None = None) -> Routing:
     """Softmax top-k (Mixtral, GShard; Switch is k=1, normalize=False).
 
     weights = the k largest p = softmax(l), renormalised to sum 1 when ``normalize``.
+    ``picks_TK``: replay these choices (:func:`pick_topk`).
     """
     probs_TE = logits_TE.softmax(dim=-1)
-    weights_TK, indices_TK = probs_TE.topk(k, dim=-1)  # sorted: rank order
+    weights_TK, indices_TK = pick_topk(probs_TE, k, picks_TK)  # sorted: rank order
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return Routing(logits_TE, probs_TE, indices_TK, weights_TK)
 
 
-def noisy_topk_route(logits_TE: Tensor, noise_std_TE: Tensor | None, k: int, generator=None) -> Routing:
+def noisy_topk_route(logits_TE: Tensor, noise_std_TE: Tensor | None, k: int, generator=None,
+                     picks_TK: Tensor | None = None) -> Routing:
     """Noisy top-k gating (Shazeer et al. 2017).
 
     l' = l + N(0, 1) * noise_std (noise_std = softplus(x @ w_noise.T), None in eval);
@@ -79,7 +97,7 @@ def noisy_topk_route(logits_TE: Tensor, noise_std_TE: Tensor | None, k: int, gen
     if noise_std_TE is not None:
         eps_TE = torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device, dtype=logits_TE.dtype)
         noisy_TE = logits_TE + eps_TE * noise_std_TE
-    top_TK, indices_TK = noisy_TE.topk(k, dim=-1)
+    top_TK, indices_TK = pick_topk(noisy_TE, k, picks_TK)
     return Routing(logits_TE, logits_TE.softmax(dim=-1), indices_TK, top_TK.softmax(dim=-1))
 
 
@@ -93,11 +111,16 @@ def sigmoid_bias_route(
     n_group: int = 1,
     topk_group: int = 1,
     score_func: str = "sigmoid",
+    group_score: str = "sum_top",
+    group_top: int = 2,
+    picks_TK: Tensor | None = None,
 ) -> Routing:
     """DeepSeek-V3 routing: s = sigmoid(l); pick top-k of s + bias; weights = chosen s normalised, * scaling.
 
     The bias only chooses (no gradient flows through it). With ``n_group > 1`` only experts in the
-    ``topk_group`` groups with the largest sum of their two best biased scores are eligible.
+    ``topk_group`` groups with the best group scores are eligible: the sum of the group's ``group_top``
+    best biased scores (``group_score="sum_top"``, DeepSeek-V3 with ``group_top`` = K/M) or its best
+    one (``"max"``, DeepSeek-V2's ``group_limited_greedy``).
     ``score_func="softmax"`` is ERNIE 4.5: s = softmax(l), and the chosen s are divided by
     ``max(sum, 1e-12)`` (its ``moe_norm_min``) rather than ``sum + 1e-20``.
     """
@@ -108,13 +131,18 @@ def sigmoid_bias_route(
     if n_group > 1:
         T, E = choice_TE.shape
         grouped_TGe = choice_TE.view(T, n_group, E // n_group)
-        group_score_TG = grouped_TGe.topk(min(2, E // n_group), dim=-1).values.sum(-1)
+        if group_score == "max":
+            group_score_TG = grouped_TGe.amax(dim=-1)
+        elif group_score == "sum_top":
+            group_score_TG = grouped_TGe.topk(min(group_top, E // n_group), dim=-1).values.sum(-1)
+        else:
+            raise ValueError(f"group_score={group_score!r} is unknown; choose 'sum_top' or 'max'")
         best_groups = group_score_TG.topk(topk_group, dim=-1).indices
         group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups, True)
         expert_mask_TE = group_mask_TG.repeat_interleave(E // n_group, dim=1)
         choice_TE = choice_TE.masked_fill(~expert_mask_TE, float("-inf"))
     # rank order = order of s + bias
-    indices_TK = choice_TE.topk(k, dim=-1).indices
+    indices_TK = pick_topk(choice_TE, k, picks_TK)[1]
     weights_TK = scores_TE.gather(1, indices_TK)
     if normalize and score_func == "softmax":
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-12)

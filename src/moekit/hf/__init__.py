@@ -2,7 +2,8 @@
 
 ``from_pretrained(path, dtype=None)``, ``save_pretrained(model, path)``, ``load_any(path)`` for a
 moekit run directory or an HF model directory. Architectures: mixtral, qwen2_moe, qwen3_moe, olmoe,
-ernie4_5_moe, deepseek_v3. transformers is never imported here (it is only the tests' reference).
+ernie4_5_moe, deepseek_v3, deepseek_v2, gpt_oss (MXFP4 or bf16), granitemoe, dbrx, phimoe, jetmoe.
+transformers is never imported here (it is only the tests' reference).
 """
 
 from moekit.hf.api import (

@@ -23,7 +23,7 @@ from torch import Tensor
 from moekit.config import ModelConfig
 from moekit.hf.common import ShardReader
 
-__all__ = ["Adapter", "ExpertNames", "hf_name", "load_state", "save_entries"]
+__all__ = ["Adapter", "Entry", "ExpertNames", "FusedIO", "hf_name", "load_state", "save_entries"]
 
 Transform = Callable[[Tensor, ModelConfig, dict[str, Any]], Tensor]  # (tensor, moekit cfg, HF cfg)
 
@@ -31,7 +31,9 @@ Transform = Callable[[Tensor, ModelConfig, dict[str, Any]], Tensor]  # (tensor, 
 GLOBAL_NAMES = {
     "embed.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
+    "norm.bias": "model.norm.bias",  # LayerNorm models (PhiMoE)
     "lm_head.weight": "lm_head.weight",
+    "lm_head.bias": "lm_head.bias",
 }
 # inside layer i ("layers.{i}." <-> "model.layers.{i}."), after an adapter's own renames; {moe} = MoE block prefix
 COMMON_RENAMES = (
@@ -63,6 +65,24 @@ class ExpertNames:
     alt_prefixes: tuple[str, ...] = ()
 
 
+Entry = tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]  # (HF name, shape, dtype, make_tensor)
+
+
+@dataclass(frozen=True)
+class FusedIO:
+    """Layer tensors an architecture stores fused (gpt-oss's fused or MXFP4 experts, DBRX's Wqkv).
+
+    ``suffixes``: the moekit layer suffixes it owns. ``source(plan, layer, suffix, shape)`` notes the HF
+    tensors it needs on ``plan`` (``plan.need``) and returns ``("fn", fill)``, ``fill(dst)`` reading them
+    into ``dst`` (experts one at a time); ``layer`` is the HF layer prefix, e.g. ``model.layers.{i}.``.
+    ``entries(layer, tensors, hf_cfg)`` is what a layer's owned tensors (suffix -> tensor) are saved as.
+    """
+
+    suffixes: tuple[str, ...]
+    source: Callable[[Any, str, str, tuple[int, ...]], Any]
+    entries: Callable[[str, dict[str, Tensor], dict[str, Any]], list[Entry]]
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One HF architecture: config translation both ways and the tensor-name tables (see module doc)."""
@@ -79,6 +99,18 @@ class Adapter:
     ignore: tuple[str, ...] = ()  # regexes of HF tensors skipped on load
     ignore_extra_layers: bool = False  # layers >= num_hidden_layers (multi-token-prediction heads)
     passthrough: tuple[str, ...] = ()  # HF config fields a loaded model writes back as they were
+    # moekit layer suffixes the architecture stores no tensor for (DeepSeek-V2's routing bias, which it
+    # does not have): zero on load; saving refuses a nonzero one, which the HF model could not express
+    absent: tuple[str, ...] = ()
+    fused: tuple[FusedIO, ...] = ()  # layer tensors stored fused (an expert layout of its own, ...)
+    layer_prefix: str = "model.layers."  # HF prefix of layer i is f"{layer_prefix}{i}."
+    global_names: tuple[tuple[str, str], ...] = ()  # moekit -> HF names outside the layers, over GLOBAL_NAMES
+
+    def global_name(self, key: str) -> str | None:
+        return dict(self.global_names).get(key, GLOBAL_NAMES.get(key))
+
+    def fused_io(self, suffix: str) -> FusedIO | None:
+        return next((io for io in self.fused if suffix in io.suffixes), None)
 
     def transform(self, suffix: str, direction: int) -> Transform | None:
         for s, to_moekit, to_hf in self.transforms:
@@ -89,14 +121,14 @@ class Adapter:
 
 def hf_name(adapter: Adapter, key: str, moe_prefix: str) -> str:
     """HF tensor name of a (non-expert) moekit state-dict key."""
-    if key in GLOBAL_NAMES:
-        return GLOBAL_NAMES[key]
+    if adapter.global_name(key) is not None:
+        return adapter.global_name(key)
     m = _LAYER_KEY.fullmatch(key)
     if m:
         i, rest = m.groups()
         for src, dst in adapter.renames + COMMON_RENAMES:
             if rest.startswith(src):
-                return f"model.layers.{i}." + dst.format(moe=moe_prefix) + rest[len(src) :]
+                return f"{adapter.layer_prefix}{i}." + dst.format(moe=moe_prefix) + rest[len(src) :]
     raise ValueError(f"{adapter.model_type}: no HF name for moekit tensor {key!r}")
 
 
@@ -113,7 +145,8 @@ def _expert_keys(ex: ExpertNames, layer: str, moe: str, which: str, E: int) -> l
 # ---------------------------------------------------------------------------------------- loading
 # A source says how one moekit tensor is read: ("plain", HF name), through the adapter's transform if it
 # has one; ("stack", [HF name per expert]); or ("fused" | "fused_gate" | "fused_up", HF name) for a fused
-# expert tensor, read whole or as its gate / up half, one expert at a time.
+# expert tensor, read whole or as its gate / up half, one expert at a time; ("zeros", None) for a tensor
+# the architecture does not store.
 Source = tuple[str, Any]
 
 
@@ -148,7 +181,7 @@ def _expert_source(
     plan: _Plan, adapter: Adapter, moe: str, layer_index: str, which: str, shape: tuple[int, ...]
 ) -> Source:
     """Source of a layer's stacked ``which`` experts: the fused HF tensor if stored, else one per expert."""
-    layer = f"model.layers.{layer_index}."
+    layer = f"{adapter.layer_prefix}{layer_index}."
     E, *rest = shape  # (E, H, D) for w_gate / w_up, (E, D, H) for w_down
     fused_gu, fused_d = f"{layer}{moe}experts.gate_up_proj", f"{layer}{moe}experts.down_proj"
     if which == "w_down" and fused_d in plan.reader:
@@ -169,6 +202,14 @@ def _plan_sources(
     """Name every HF tensor each moekit tensor needs, noting the missing and misshapen ones."""
     plan = _Plan(reader)
     for name, t in meta_state.items():
+        if _suffix(name) in adapter.absent:
+            plan.sources[name] = ("zeros", None)
+            continue
+        m = _LAYER_KEY.fullmatch(name)
+        io = adapter.fused_io(m.group(2)) if m else None
+        if io is not None:
+            plan.sources[name] = io.source(plan, f"{adapter.layer_prefix}{m.group(1)}.", m.group(2), tuple(t.shape))
+            continue
         m = _EXPERT_KEY.fullmatch(name)
         if m:
             plan.sources[name] = _expert_source(plan, adapter, moe, m.group(1), m.group(2), tuple(t.shape))
@@ -178,7 +219,7 @@ def _plan_sources(
         plan.need(key, None if tf else t.shape)  # a transform may change the shape: checked after it
         plan.sources[name] = ("plain", key)
     if cfg.tie_embeddings:
-        plan.used.add(GLOBAL_NAMES["lm_head.weight"])  # tied: a stored copy of the head is not used
+        plan.used.add(adapter.global_name("lm_head.weight"))  # tied: a stored copy of the head is not used
     return plan
 
 
@@ -187,7 +228,7 @@ def _unexpected(adapter: Adapter, cfg: ModelConfig, reader: ShardReader, used: s
     ignored = [re.compile(p) for p in ALWAYS_IGNORED + adapter.ignore]
 
     def is_ignored(k: str) -> bool:
-        m = re.match(r"model\.layers\.(\d+)\.", k)
+        m = re.match(re.escape(adapter.layer_prefix) + r"(\d+)\.", k)
         if adapter.ignore_extra_layers and m and int(m.group(1)) >= cfg.n_layers:
             return True
         return any(p.fullmatch(k) for p in ignored)
@@ -229,7 +270,11 @@ def _read_into(
 ) -> None:
     """Copy moekit tensor ``name`` from its source into ``dst``, one HF tensor or expert slice at a time."""
     kind, src = source
-    if kind == "plain":
+    if kind == "zeros":
+        dst.zero_()
+    elif kind == "fn":
+        src(dst)
+    elif kind == "plain":
         x = reader.get(src)
         tf = adapter.transform(_suffix(name), 0)
         if tf is not None:
@@ -277,10 +322,20 @@ def save_entries(
 ) -> Iterator[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
     """(HF name, shape, dtype, make_tensor) of every tensor to write, experts unstacked per expert."""
     moe = adapter.experts.prefix
+    owned: dict[tuple[int, str], dict[str, Tensor]] = {}  # (FusedIO, HF layer prefix) -> its tensors there
     for name, t in state.items():
+        m = _LAYER_KEY.fullmatch(name)
+        io = adapter.fused_io(m.group(2)) if m else None
+        if io is not None:
+            owned.setdefault((adapter.fused.index(io), f"{adapter.layer_prefix}{m.group(1)}."), {})[m.group(2)] = t
+            continue
+        if _suffix(name) in adapter.absent:
+            if t.count_nonzero():
+                raise ValueError(f"{name} is nonzero: {adapter.model_type} has no such tensor")
+            continue
         m = _EXPERT_KEY.fullmatch(name)
         if m:
-            keys = _expert_keys(adapter.experts, f"model.layers.{m.group(1)}.", moe, m.group(2), t.shape[0])
+            keys = _expert_keys(adapter.experts, f"{adapter.layer_prefix}{m.group(1)}.", moe, m.group(2), t.shape[0])
             for e, k in enumerate(keys):
                 yield k, tuple(t.shape[1:]), t.dtype, (lambda t=t, e=e: t[e])
             continue
@@ -292,3 +347,5 @@ def save_entries(
             t.dtype,
             (lambda t=t, tf=tf: tf(t, cfg, hf_cfg) if tf else t),
         )
+    for (i, layer), tensors in owned.items():
+        yield from adapter.fused[i].entries(layer, tensors, hf_cfg)

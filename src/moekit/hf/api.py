@@ -14,7 +14,19 @@ from typing import Any
 import torch
 
 from moekit.config import ModelConfig
-from moekit.hf import arch_deepseek, arch_ernie, arch_mixtral, arch_olmoe, arch_qwen
+from moekit.hf import (
+    arch_dbrx,
+    arch_deepseek,
+    arch_deepseek_v2,
+    arch_ernie,
+    arch_gpt_oss,
+    arch_granitemoe,
+    arch_jetmoe,
+    arch_mixtral,
+    arch_olmoe,
+    arch_phimoe,
+    arch_qwen,
+)
 from moekit.hf.adapter import Adapter, load_state, save_entries
 from moekit.hf.common import CONFIG_FILE, ShardReader, parse_dtype, read_json, write_shards
 from moekit.nn.transformer import MoETransformer
@@ -41,6 +53,12 @@ ADAPTERS: dict[str, Adapter] = {
         arch_olmoe.ADAPTER,
         arch_ernie.ADAPTER,
         arch_deepseek.ADAPTER,
+        arch_deepseek_v2.ADAPTER,
+        arch_gpt_oss.ADAPTER,
+        arch_granitemoe.ADAPTER,
+        arch_dbrx.ADAPTER,
+        arch_phimoe.ADAPTER,
+        arch_jetmoe.ADAPTER,
     )
 }
 SUPPORTED_MODEL_TYPES = tuple(ADAPTERS)
@@ -103,7 +121,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     cfg = adapter.to_moekit(hf)
     want = parse_dtype(dtype)
     with ShardReader(path) as reader:
-        embed = "model.embed_tokens.weight"
+        embed = adapter.global_name("embed.weight")
         target = want or (reader.dtype(embed) if embed in reader else torch.float32)
         model = materialise(cfg, lambda meta: load_state(adapter, cfg, hf, reader, meta, target))
     model.hf_config = hf
@@ -149,7 +167,7 @@ def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
     against its manifest (CheckpointError names a damaged or mismatching file), its ``hf_config.json``
     (written by ``moekit convert``) becoming ``model.hf_config``.
     """
-    from tokenizers import Tokenizer
+    from moekit.data.tokenizer import read_tokenizer_file
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
@@ -163,7 +181,7 @@ def load_any(path: str | Path, dtype: torch.dtype | str | None = None):
         model = from_pretrained(path, dtype)
     tok = None
     if (path / TOKENIZER_FILE).is_file():
-        tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        tok = read_tokenizer_file(path / TOKENIZER_FILE)
         if moekit_dir:
             tok.encode_special_tokens = (
                 True  # as moekit.data.tokenizer configures it (not stored in the file)

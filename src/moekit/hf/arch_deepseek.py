@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from moekit.config import MLAConfig, ModelConfig, MoEConfig
+from moekit.config.rope import RopeScaling
 from moekit.hf.adapter import Adapter
 from moekit.hf.fields import (
     Fields,
@@ -27,8 +28,9 @@ from moekit.hf.fields import (
     moe_layers,
     refuse,
 )
+from moekit.nn.rope import yarn_mscale
 
-__all__ = ["ADAPTER"]
+__all__ = ["ADAPTER", "MLA_RENAMES", "MLA_TRANSFORMS", "mla_config", "mla_softmax_scale"]
 
 DEFAULTS: dict[str, Any] = {
     "vocab_size": 129280,
@@ -78,13 +80,7 @@ def to_moekit(hf: dict[str, Any]) -> ModelConfig:
         raise f.unsupported(
             "n_group", f"groups score their two best experts: n_routed_experts={E} / n_group must be >= 2"
         )
-    mla = MLAConfig(
-        kv_lora_rank=f("kv_lora_rank"),
-        qk_nope_head_dim=f("qk_nope_head_dim"),
-        qk_rope_head_dim=f("qk_rope_head_dim"),
-        v_head_dim=f("v_head_dim"),
-        q_lora_rank=f("q_lora_rank"),
-    )
+    mla = mla_config(f, base["rope_scaling"])
     shared = f("n_shared_experts") or 0
     moe = MoEConfig(
         d_model=base["d_model"],
@@ -96,6 +92,7 @@ def to_moekit(hf: dict[str, Any]) -> ModelConfig:
         routed_scaling_factor=float(f("routed_scaling_factor")),
         n_group=n_group,
         topk_group=f("topk_group") or 1,
+        group_score_top=2 if n_group > 1 else None,  # its gate sums a group's two best, whatever K/M
         num_shared_experts=shared,
         shared_d_hidden=f("moe_intermediate_size") if shared else None,
         aux_loss_coef=float(hf.get("aux_loss_alpha", 0.0)),
@@ -112,19 +109,42 @@ def to_moekit(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def mla_softmax_scale(a: MLAConfig, rope: RopeScaling | None) -> float | None:
+    """DeepSeek's attention scale: None (= qk_head_dim ** -0.5), times yarn_mscale(factor, mscale_all_dim)
+    squared when the RoPE scaling sets mscale_all_dim (the scale transformers' DeepSeek attention uses)."""
+    if rope is None or not rope.mscale_all_dim:
+        return None
+    m = yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return a.qk_head_dim**-0.5 * m * m
+
+
+def mla_config(f: Fields, rope: RopeScaling | None) -> MLAConfig:
+    """The MLA shapes of a DeepSeek-V2 / V3 config.json, with the attention scale of its RoPE scaling."""
+    a = MLAConfig(
+        kv_lora_rank=f("kv_lora_rank"),
+        qk_nope_head_dim=f("qk_nope_head_dim"),
+        qk_rope_head_dim=f("qk_rope_head_dim"),
+        v_head_dim=f("v_head_dim"),
+        q_lora_rank=f("q_lora_rank"),
+    )
+    return a.replace(softmax_scale=mla_softmax_scale(a, rope))
+
+
 def from_moekit(cfg: ModelConfig) -> dict[str, Any]:
     m, a = cfg.moe, cfg.mla
     errors = export_errors(cfg)
     if a is None:
         errors.append("DeepSeek-V3 needs multi-head latent attention (mla)")
-    elif a.softmax_scale is not None or a.latent_norm_eps != 1e-6:
-        errors.append("mla.softmax_scale / mla.latent_norm_eps other than the defaults")
+    elif a.softmax_scale != mla_softmax_scale(a, cfg.rope_scaling) or a.latent_norm_eps != 1e-6:
+        errors.append("mla.softmax_scale / mla.latent_norm_eps other than the defaults (or YaRN's scale)")
     if m.router != "sigmoid_bias" or m.score_func != "sigmoid":
         errors.append(
             f"router={m.router!r} score_func={m.score_func!r} (DeepSeek-V3: 'sigmoid_bias', 'sigmoid')"
         )
     if m.n_group > 1 and m.num_experts // m.n_group < 2:
         errors.append(f"groups of one expert (n_group={m.n_group})")
+    if m.n_group > 1 and (m.group_score != "sum_top" or m.group_top != 2):
+        errors.append(f"group_score={m.group_score!r} summing {m.group_top} (DeepSeek-V3 sums a group's two best)")
     if m.shared_gate or not m.num_shared_experts or m.shared_hidden_total % m.d_hidden:
         errors.append("DeepSeek-V3 has ungated shared experts, each of the routed experts' width")
     if moe_layers(cfg) != list(range(cfg.first_dense_layers, cfg.n_layers)):
@@ -170,26 +190,29 @@ def _rope_rows(direction, which: str):
     return f
 
 
+# shared with DeepSeek-V2 (moekit.hf.arch_deepseek_v2), whose MLA checkpoints are laid out alike
+MLA_RENAMES = (
+    ("ffn.shared_experts.mlp.", "{moe}shared_experts."),
+    ("attn.q_a_norm.", "self_attn.q_a_layernorm."),
+    ("attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
+    ("attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa."),
+)
+MLA_TRANSFORMS = tuple(
+    (s, _rope_rows(interleave_to_half, w), _rope_rows(half_to_interleave, w))
+    for s, w in (
+        ("attn.q_proj.weight", "q"),
+        ("attn.q_b_proj.weight", "q"),
+        ("attn.kv_a_proj.weight", "kv"),
+    )
+)
+
 ADAPTER = Adapter(
     model_type="deepseek_v3",
     architecture="DeepseekV3ForCausalLM",
     to_moekit=to_moekit,
     from_moekit=from_moekit,
-    renames=(
-        ("ffn.router.expert_bias", "{moe}gate.e_score_correction_bias"),
-        ("ffn.shared_experts.mlp.", "{moe}shared_experts."),
-        ("attn.q_a_norm.", "self_attn.q_a_layernorm."),
-        ("attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
-        ("attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa."),
-    ),
-    transforms=tuple(
-        (s, _rope_rows(interleave_to_half, w), _rope_rows(half_to_interleave, w))
-        for s, w in (
-            ("attn.q_proj.weight", "q"),
-            ("attn.q_b_proj.weight", "q"),
-            ("attn.kv_a_proj.weight", "kv"),
-        )
-    ),
+    renames=(("ffn.router.expert_bias", "{moe}gate.e_score_correction_bias"), *MLA_RENAMES),
+    transforms=MLA_TRANSFORMS,
     ignore_extra_layers=True,
     passthrough=("rope_interleave",),  # keep the layout a loaded checkpoint had
 )

@@ -40,13 +40,6 @@ DEFAULTS: dict[str, Any] = {
 def to_moekit(hf: dict[str, Any]) -> ModelConfig:
     f = Fields(hf, DEFAULTS, "mixtral")
     base = f.common()
-    window = f("sliding_window")
-    if window is not None and window < base["max_seq_len"]:
-        raise f.unsupported(
-            "sliding_window",
-            "sliding-window attention; moekit attends to the whole context "
-            f"(allowed: null or >= max_position_embeddings={base['max_seq_len']})",
-        )
     moe = MoEConfig(
         d_model=base["d_model"],
         d_hidden=f("intermediate_size"),
@@ -58,12 +51,12 @@ def to_moekit(hf: dict[str, Any]) -> ModelConfig:
         z_loss_coef=0.0,
         router_jitter=f("router_jitter_noise") or 0.0,
     )
-    return ModelConfig(**base, moe=moe)
+    return ModelConfig(**base, moe=moe, sliding_window=f("sliding_window"))  # every layer slides
 
 
 def from_moekit(cfg: ModelConfig) -> dict[str, Any]:
     m = cfg.moe
-    errors = export_errors(cfg)
+    errors = export_errors(cfg, windows=True)
     if cfg.mla is not None:
         errors.append("multi-head latent attention")
     if m.router != "topk" or not m.norm_topk:
@@ -77,13 +70,15 @@ def from_moekit(cfg: ModelConfig) -> dict[str, Any]:
         errors.append("attention biases / q-k norms / clip_qkv (Mixtral has none)")
     if len(moe_layers(cfg)) != cfg.n_layers:
         errors.append("dense layers (every Mixtral layer is MoE)")
+    if cfg.sliding_layers is not None and len(cfg.sliding_layers) != cfg.n_layers:
+        errors.append(f"sliding_layers={cfg.sliding_layers} (Mixtral slides in every layer or none)")
     refuse("mixtral", errors)
     hf = common_hf(cfg, "mixtral", "MixtralForCausalLM")
     hf.update(
         intermediate_size=m.d_hidden,
         num_local_experts=m.num_experts,
         num_experts_per_tok=m.top_k,
-        sliding_window=None,
+        sliding_window=cfg.sliding_window,
         router_aux_loss_coef=m.aux_loss_coef,
         router_jitter_noise=m.router_jitter,
         output_router_logits=False,

@@ -83,14 +83,23 @@ def _moe(f: Fields, d_model: int, **extra: Any) -> MoEConfig:
     )
 
 
-def _window_error(f: Fields, max_seq_len: int, sliding_layers: bool) -> None:
+def _window(f: Fields, sliding: tuple[int, ...] | None) -> dict[str, Any]:
+    """sliding_window / sliding_layers: transformers slides only with use_sliding_window (qwen2_moe: in
+    the layers ``layer_types`` names, qwen3_moe: in every layer)."""
     window = f("sliding_window")
-    if f("use_sliding_window") and sliding_layers and window and window < max_seq_len:
-        raise f.unsupported(
-            "use_sliding_window",
-            f"sliding-window attention (sliding_window={window} < "
-            f"max_position_embeddings={max_seq_len}); moekit attends to the whole context",
-        )
+    if not f("use_sliding_window") or not window or sliding == ():
+        return {}
+    return {"sliding_window": window, "sliding_layers": sliding}
+
+
+def _window_hf(cfg: ModelConfig) -> dict[str, Any]:
+    types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.n_layers)]
+    return {
+        "use_sliding_window": cfg.sliding_window is not None,
+        "sliding_window": cfg.sliding_window,
+        "max_window_layers": cfg.n_layers,
+        "layer_types": types,
+    }
 
 
 def qwen2_to_moekit(hf: dict[str, Any]) -> ModelConfig:
@@ -102,20 +111,20 @@ def qwen2_to_moekit(hf: dict[str, Any]) -> ModelConfig:
         "sliding_attention" if (i + 1) % 2 and i < f("max_window_layers") else "full_attention"
         for i in range(n)
     ]
-    _window_error(f, base["max_seq_len"], "sliding_attention" in types)
+    window = _window(f, tuple(i for i, t in enumerate(types) if t == "sliding_attention"))
     shared = f("shared_expert_intermediate_size")
     if not shared:
         raise f.unsupported("shared_expert_intermediate_size", "qwen2_moe always has a gated shared expert")
     moe = _moe(f, base["d_model"], num_shared_experts=1, shared_d_hidden=shared, shared_gate=True)
     return ModelConfig(
-        **base, attn_bias=bool(f("qkv_bias")), moe=moe, dense_d_hidden=f("intermediate_size"), **_layers(f, n)
+        **base, attn_bias=bool(f("qkv_bias")), moe=moe, dense_d_hidden=f("intermediate_size"), **_layers(f, n),
+        **window,
     )
 
 
 def qwen3_to_moekit(hf: dict[str, Any]) -> ModelConfig:
     f = Fields(hf, QWEN3_DEFAULTS, "qwen3_moe")
     base = f.common()
-    _window_error(f, base["max_seq_len"], True)
     bias = bool(f("attention_bias"))
     return ModelConfig(
         **base,
@@ -126,12 +135,13 @@ def qwen3_to_moekit(hf: dict[str, Any]) -> ModelConfig:
         moe=_moe(f, base["d_model"]),
         dense_d_hidden=f("intermediate_size"),
         **_layers(f, base["n_layers"]),
+        **_window(f, None),
     )
 
 
 def _qwen_common_errors(cfg: ModelConfig) -> list[str]:
     m = cfg.moe
-    errors = export_errors(cfg)
+    errors = export_errors(cfg, windows=True)
     if cfg.mla is not None:
         errors.append("multi-head latent attention")
     if m.router != "topk":
@@ -153,7 +163,6 @@ def _qwen_common_hf(cfg: ModelConfig, model_type: str, arch: str) -> dict[str, A
         norm_topk_prob=m.norm_topk,
         decoder_sparse_step=cfg.moe_every,
         mlp_only_layers=sorted(set(sparse) - set(moe_layers(cfg))),
-        use_sliding_window=False,
         router_aux_loss_coef=m.aux_loss_coef,
         output_router_logits=False,
     )
@@ -172,7 +181,7 @@ def qwen2_from_moekit(cfg: ModelConfig) -> dict[str, Any]:
     refuse("qwen2_moe", errors)
     hf = _qwen_common_hf(cfg, "qwen2_moe", "Qwen2MoeForCausalLM")
     hf.update(
-        qkv_bias=cfg.attn_bias, shared_expert_intermediate_size=m.shared_hidden_total, sliding_window=None
+        qkv_bias=cfg.attn_bias, shared_expert_intermediate_size=m.shared_hidden_total, **_window_hf(cfg)
     )
     return hf
 
@@ -185,9 +194,13 @@ def qwen3_from_moekit(cfg: ModelConfig) -> dict[str, Any]:
         errors.append("qwen3_moe needs per-head q/k RMSNorm (qk_norm=True, qk_norm_scope='head')")
     if cfg.attn_bias != cfg.attn_out_bias:
         errors.append("attention_bias covers q/k/v/o together (attn_bias must equal attn_out_bias)")
+    if cfg.sliding_layers is not None and len(cfg.sliding_layers) != cfg.n_layers:
+        errors.append(f"sliding_layers={cfg.sliding_layers} (qwen3_moe slides in every layer or none)")
     refuse("qwen3_moe", errors)
     hf = _qwen_common_hf(cfg, "qwen3_moe", "Qwen3MoeForCausalLM")
-    hf.update(attention_bias=cfg.attn_bias, sliding_window=None)
+    window = _window_hf(cfg)
+    hf.update(attention_bias=cfg.attn_bias, use_sliding_window=window["use_sliding_window"],
+              sliding_window=cfg.sliding_window)
     return hf
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
+from moekit.hf.rope_fields import rope_from_hf, rope_to_hf
 
 __all__ = [
     "ALIASES",
@@ -46,26 +47,23 @@ class Fields:
     def unsupported(self, key: str, why: str) -> ValueError:
         return ValueError(f"{self.model_type}: {key}={self(key)!r} is not supported by moekit ({why})")
 
-    def common(self) -> dict[str, Any]:
-        """ModelConfig fields every architecture shares; rejects what no adapter implements."""
+    def common(self, quant_methods: tuple[str, ...] = ()) -> dict[str, Any]:
+        """ModelConfig fields every architecture shares; rejects what no adapter implements.
+
+        ``quant_methods``: the ``quantization_config.quant_method`` values the adapter reads itself."""
         f = self
-        if f.hf.get("quantization_config"):
+        quant = f.hf.get("quantization_config")
+        if quant and (not isinstance(quant, dict) or quant.get("quant_method") not in quant_methods):
             raise ValueError(
-                f"{f.model_type}: quantization_config={f.hf['quantization_config']!r} is not "
-                "supported by moekit (dequantize the checkpoint first)"
+                f"{f.model_type}: quantization_config={quant!r} is not supported by moekit "
+                "(dequantize the checkpoint first)"
             )
         if f("hidden_act") != "silu":
             raise f.unsupported("hidden_act", "moekit's experts and MLPs are SwiGLU, i.e. silu only")
+        max_pos = f("max_position_embeddings")
+        theta, scaling, longest = rope_from_hf(f.hf, f.model_type, f("rope_theta"), max_pos)
         rope = f.hf.get("rope_parameters") or f.hf.get("rope_scaling") or {}
-        if "full_attention" in rope:  # per-layer-type RoPE: the same for every layer here
-            rope = rope["full_attention"]
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            key = "rope_parameters" if f.hf.get("rope_parameters") else "rope_scaling"
-            raise ValueError(
-                f"{f.model_type}: {key} rope_type={rope_type!r} is not supported by moekit "
-                "(only plain RoPE, rope_type='default')"
-            )
+        rope = rope.get("full_attention", rope)
         if rope.get("partial_rotary_factor", f.hf.get("partial_rotary_factor", 1.0)) not in (None, 1, 1.0):
             raise ValueError(
                 f"{f.model_type}: partial_rotary_factor="
@@ -80,8 +78,9 @@ class Fields:
             "n_heads": heads,
             "n_kv_heads": f("num_key_value_heads") or heads,
             "head_dim": f.hf.get("head_dim") or f("hidden_size") // heads,
-            "max_seq_len": f("max_position_embeddings"),
-            "rope_theta": float(rope.get("rope_theta", f("rope_theta"))),
+            "max_seq_len": longest,
+            "rope_theta": theta,
+            "rope_scaling": scaling,
             "norm_eps": float(f("rms_norm_eps")),
             "tie_embeddings": bool(f("tie_word_embeddings")),
             "init_std": float(f("initializer_range")),
@@ -99,10 +98,8 @@ def common_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.hd,
-        "max_position_embeddings": cfg.max_seq_len,
+        **rope_to_hf(cfg),  # rope_theta, rope_parameters, max_position_embeddings
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "hidden_act": "silu",
@@ -111,14 +108,35 @@ def common_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str,
     }
 
 
-def export_errors(cfg: ModelConfig) -> list[str]:
-    """What no HF MoE architecture here can express, whatever the adapter."""
+def export_errors(cfg: ModelConfig, *, windows: bool = False, sinks: bool = False,
+                  multipliers: bool = False, layer_norm: bool = False, head_bias: bool = False,
+                  moa: bool = False) -> list[str]:
+    """What no HF MoE architecture here can express, whatever the adapter; sliding windows, attention
+    sinks (with gpt-oss's biases and clamp), Granite's multipliers, LayerNorms, a head bias and JetMoE's mixture of
+    attention unless the adapter writes them."""
     m = cfg.moe
     errors = []
+    if cfg.norm_type != "rms" and not layer_norm:
+        errors.append(f"norm_type={cfg.norm_type!r}")
+    if cfg.lm_head_bias and not head_bias:
+        errors.append("lm_head_bias=True")
+    if (cfg.attn_experts or m.output_bias) and not moa:
+        errors.append("a mixture of attention heads / an MoE output bias (JetMoE's)")
+    scales = (cfg.embed_scale, cfg.residual_scale, cfg.logits_divisor, cfg.attn_scale)
+    if not multipliers and scales != (1.0, 1.0, 1.0, None):
+        errors.append("embed_scale / residual_scale / logits_divisor / attn_scale (Granite's multipliers)")
+    if cfg.sliding_window is not None and not windows:
+        errors.append(f"sliding_window={cfg.sliding_window}")
+    if cfg.attn_sinks and not sinks:
+        errors.append("attention sinks")
+    if not sinks and (m.router_bias or m.expert_ffn_bias or m.swiglu_limit is not None):
+        errors.append("router / expert biases or a clamped SwiGLU (gpt-oss's)")
     if cfg.dense:
         errors.append("dense=True (no MoE layer)")
     if m.activation != "swiglu":
         errors.append(f"moe.activation={m.activation!r} (HF MoE experts are SwiGLU)")
+    if m.num_extra_experts:
+        errors.append(f"{m.num_extra_experts} null / zero-computation experts (no HF MoE architecture has them)")
     if m.capacity_factor is not None:
         errors.append(
             f"moe.capacity_factor={m.capacity_factor} drops tokens; HF MoE is dropless "

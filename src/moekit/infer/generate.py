@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from moekit.data import load_tokenizer
-from moekit.nn.transformer import KVCache, MoETransformer
+from moekit.nn.transformer import MoETransformer
 from moekit.rundir import RunDir
 
 __all__ = ["filter_logits", "generate", "load_run", "sample_next"]
@@ -108,7 +108,7 @@ def generate(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, temp
     try:
         ids_BL = input_ids
         mask_BL = attention_mask
-        cache = KVCache(model.config.n_layers) if use_cache else None
+        cache = model.new_kv_cache() if use_cache else None  # sliding-window layers keep their window
         done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         # 1. prefill (and, without a cache, every step): the whole sequence
         logits_BV = model(ids_BL, attention_mask=mask_BL, kv_cache=cache).logits[:, -1]

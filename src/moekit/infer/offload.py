@@ -82,13 +82,13 @@ class ExpertCache:
         self.core = CacheCore(capacity, make_policy(policy), retain)
         self.capacity = capacity
         # slot layout: each matrix in its own region of a slot, with room to place it at the same address
-        # modulo _ALIGN as the resident model's tensor (see _place)
+        # modulo the alignment as the resident model's tensor (see _place)
         first = next(iter(store.extents.values()))
         self._layout, off = {}, 0
-        for which, ext in first.items():
-            n = torch.Size(ext.shape).numel() * self.dtype.itemsize
-            self._layout[which] = (off, n, ext.shape)
-            off += -(-(n + _ALIGN) // _ALIGN) * _ALIGN
+        for which, (shape, dt) in self._slot_parts(first).items():
+            n = torch.Size(shape).numel() * dt.itemsize
+            self._layout[which] = (off, n, shape, dt)
+            off += -(-(n + self._pad) // self._pad) * self._pad
         self.slot_bytes = off
         # a moekit run loaded resident without a cast is memory-mapped: its tensors sit at their file
         # offsets modulo the page size; every other resident load copies into fresh (64-byte aligned) tensors
@@ -110,7 +110,23 @@ class ExpertCache:
         self.layer_stats: dict[int, dict[str, float]] = {}
         self.predicted: dict[int, set[int]] = {}
 
-    # -- slots ---------------------------------------------------------------------------------------
+    # -- slots (the parts a quantized cache swaps: what a slot holds, where, and how it is filled) -----
+    _pad = _ALIGN
+
+    def _slot_parts(self, first: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of each matrix a slot holds: the expert's gate, up, down in the cache dtype."""
+        return {which: (ext.shape, self.dtype) for which, ext in first.items()}
+
+    def _target(self, key: tuple[int, int], which: str, n: int) -> tuple[int, int]:
+        """(address modulo ``align``, ``align``) of the resident model's matrix ``which`` of expert ``key``."""
+        if self._mapped:
+            return self.store.extents[key][which].offset % _ALIGN, _ALIGN
+        return (key[1] * n) % _COPY_ALIGN, _COPY_ALIGN  # row e of a fresh (E, ...) tensor
+
+    def _fill(self, key: tuple[int, int], views: dict[str, Tensor]) -> int:
+        """Read expert ``key`` into its slot's views; returns the bytes read."""
+        return self.store.read(key[0], key[1], views, self._staging)
+
     def _new_slot(self) -> int:
         self._slots.append(torch.empty(self.slot_bytes, dtype=torch.uint8))
         self._views.append({})
@@ -119,14 +135,10 @@ class ExpertCache:
     def _place(self, slot: int, key: tuple[int, int]) -> dict[str, Tensor]:
         """Views of slot ``slot`` for expert ``key``, each at its resident tensor's address modulo the alignment."""
         buf, views = self._slots[slot], {}
-        for which, ext in self.store.extents[key].items():
-            o, n, shape = self._layout[which]
-            if self._mapped:
-                target, align = ext.offset % _ALIGN, _ALIGN
-            else:  # row e of a fresh (E, ...) tensor
-                target, align = (key[1] * n) % _COPY_ALIGN, _COPY_ALIGN
+        for which, (o, n, shape, dt) in self._layout.items():
+            target, align = self._target(key, which, n)
             pad = (target - (buf.data_ptr() + o)) % align
-            views[which] = buf[o + pad:o + pad + n].view(self.dtype).view(shape)
+            views[which] = buf[o + pad:o + pad + n].view(dt).view(shape)
         self._views[slot] = views
         return views
 
@@ -137,7 +149,7 @@ class ExpertCache:
 
     def _read(self, key: tuple[int, int], entry: _Entry) -> None:
         try:
-            n = self.store.read(key[0], key[1], self._views[entry.slot], self._staging)
+            n = self._fill(key, self._views[entry.slot])
             self._stat(key[0])["bytes_read"] += n
         except BaseException as e:  # noqa: BLE001 - handed to the waiting layer call
             entry.error = e

@@ -17,6 +17,7 @@ import torch
 from moekit.infer.offload import ExpertCache, OffloadedExperts, OffloadedModel
 from moekit.infer.prefetch import Prefetcher
 from moekit.infer.store import ExpertStore, StoreError
+from moekit.rundir import TOKENIZER_FILE
 
 __all__ = ["build_offloaded", "min_budget"]
 
@@ -90,8 +91,11 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
                     dtype: torch.dtype | str | None, predictor: Any = None) -> OffloadedModel:
     from moekit.hf.adapter import load_state
     from moekit.hf.common import ShardReader, parse_dtype
-    from moekit.rundir import CheckpointError, materialise
+    from moekit.rundir import QUANT_FILE, CheckpointError, materialise
 
+    if (path / QUANT_FILE).is_file():  # quantized experts: that format's store, slots and compute
+        from moekit.infer.offload_quant import build_offloaded_quantized
+        return build_offloaded_quantized(path, budget, policy, prefetch, read, dtype, predictor)
     # 1. config
     cfg, hf, adapter = _read_config(path)
     want = parse_dtype(dtype)
@@ -156,12 +160,12 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
 
 
 def _tokenizer(path: Path, moekit_dir: bool):
-    if not (path / "tokenizer.json").is_file():
+    if not (path / TOKENIZER_FILE).is_file():
         return None
     if moekit_dir:  # configured as moekit.data.tokenizer does (what RunDir's tokenizer reader calls)
         from moekit.data.tokenizer import load_tokenizer
 
-        return load_tokenizer(path / "tokenizer.json")
-    from tokenizers import Tokenizer
+        return load_tokenizer(path / TOKENIZER_FILE)
+    from moekit.data.tokenizer import read_tokenizer_file
 
-    return Tokenizer.from_file(str(path / "tokenizer.json"))
+    return read_tokenizer_file(path / TOKENIZER_FILE)

@@ -115,23 +115,27 @@ class ExpertStore:
         self._headers: dict[Path, tuple[dict[str, Any], int, int]] = {}
         self.extents: dict[tuple[int, int], dict[str, Extent]] = {}
         self.tensor_names: set[str] = set()  # every checkpoint tensor that holds routed experts
-        for i, (E, H, D, gated) in self.layers.items():
-            parts = EXPERT_PARTS if gated else EXPERT_PARTS[1:]
-            for which in parts:
-                shape = (D, H) if which == "w_down" else (H, D)
-                locate = self._locate_moekit if layout == "moekit" else self._locate_hf
-                for e, ext in enumerate(locate(i, which, E, shape, moe_prefix, names or {})):
-                    self.extents.setdefault((i, e), {})[which] = ext
-        dtypes = {x.dtype for exts in self.extents.values() for x in exts.values()}
-        if len(dtypes) > 1:
-            raise StoreError(f"{self.path}: routed experts stored in several dtypes {sorted(map(str, dtypes))}")
-        self.file_dtype = dtypes.pop() if dtypes else torch.float32
+        self.file_dtype = self._plan(moe_prefix, names or {})
         self._fds: dict[Path, int] = {}
         self._mmaps: dict[Path, Any] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
 
     # -- planning: headers, names, bounds --------------------------------------------------------------
+    def _plan(self, moe_prefix: str, names: dict[str, str]) -> torch.dtype:
+        """Fill ``extents`` (gate, up, down of every expert); returns the experts' one stored dtype."""
+        for i, (E, H, D, gated) in self.layers.items():
+            parts = EXPERT_PARTS if gated else EXPERT_PARTS[1:]
+            for which in parts:
+                shape = (D, H) if which == "w_down" else (H, D)
+                locate = self._locate_moekit if self.layout == "moekit" else self._locate_hf
+                for e, ext in enumerate(locate(i, which, E, shape, moe_prefix, names)):
+                    self.extents.setdefault((i, e), {})[which] = ext
+        dtypes = {x.dtype for exts in self.extents.values() for x in exts.values()}
+        if len(dtypes) > 1:
+            raise StoreError(f"{self.path}: routed experts stored in several dtypes {sorted(map(str, dtypes))}")
+        return dtypes.pop() if dtypes else torch.float32
+
     def _header(self, file: Path, tensor: str) -> tuple[dict[str, Any], int, int]:
         if file not in self._headers:
             if not file.is_file():
@@ -140,7 +144,8 @@ class ExpertStore:
             self._headers[file] = (header, data, file.stat().st_size)
         return self._headers[file]
 
-    def _tensor(self, name: str, shape: tuple[int, ...]) -> tuple[Path, int, int, torch.dtype, dict]:
+    def _tensor(self, name: str, shape: tuple[int, ...], dtypes: dict[str, torch.dtype] = _ST_DTYPES,
+                ) -> tuple[Path, int, int, torch.dtype, dict]:
         """(file, absolute start, absolute end, dtype, entry) of a tensor; checked against the file size."""
         file = self._files.get(name)
         if file is None:
@@ -151,16 +156,17 @@ class ExpertStore:
             raise StoreError(f"{file}: does not hold expert tensor {name!r} (the index says it does)")
         if tuple(entry["shape"]) != tuple(shape):
             raise StoreError(f"{file}: expert tensor {name!r} has shape {tuple(entry['shape'])}, expected {shape}")
-        if entry["dtype"] not in _ST_DTYPES:
-            raise StoreError(f"{file}: expert tensor {name!r} has dtype {entry['dtype']}, not a float type")
+        if entry["dtype"] not in dtypes:
+            raise StoreError(f"{file}: expert tensor {name!r} has dtype {entry['dtype']}, not one of {sorted(dtypes)}")
         start, end = (data + o for o in entry["data_offsets"])
         if end > size:
             raise StoreError(f"{file}: truncated: expert tensor {name!r} needs bytes up to {end}, the file has {size}")
         self.tensor_names.add(name)
-        return file, start, end, _ST_DTYPES[entry["dtype"]], entry
+        return file, start, end, dtypes[entry["dtype"]], entry
 
-    def _rows(self, name: str, E: int, row_shape: tuple[int, ...], split: int | None = None) -> list[Extent]:
-        file, start, _, dtype, _ = self._tensor(name, (E, *row_shape))
+    def _rows(self, name: str, E: int, row_shape: tuple[int, ...], split: int | None = None,
+              dtypes: dict[str, torch.dtype] = _ST_DTYPES) -> list[Extent]:
+        file, start, _, dtype, _ = self._tensor(name, (E, *row_shape), dtypes)
         row = torch.Size(row_shape).numel() * dtype.itemsize
         if split is None:
             return [Extent(file, name, start + e * row, row, row_shape, dtype, e) for e in range(E)]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "Attention", "KVCache", "rope_cos_sin", "apply_rope", "build_attn_mask"]
+__all__ = ["RMSNorm", "Attention", "KVCache", "rope_cos_sin", "apply_rope", "build_attn_mask", "sink_attention"]
 
 
 class RMSNorm(nn.Module):
@@ -41,38 +41,71 @@ def apply_rope(x_BHSd: Tensor, cos_BSd: Tensor, sin_BSd: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer key/value tensors (B, Hk, L, d) that grow by concatenation during decoding."""
+    """Per-layer key/value tensors (B, Hk, L, d) that grow by concatenation during decoding.
 
-    def __init__(self, n_layers: int):
+    ``windows[i]`` (sliding-window layers): layer i keeps only its last ``window - 1`` keys, all the next
+    query can see besides itself; ``trimmed[i]`` counts the keys it dropped.
+    """
+
+    def __init__(self, n_layers: int, windows: list[int | None] | None = None):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
         self.mask: Tensor | None = None  # (B, L) key padding mask of everything cached so far
+        self.windows = list(windows) if windows is not None else [None] * n_layers
+        self.trimmed = [0] * n_layers
 
     @property
     def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return 0 if self.k[0] is None else self.k[0].shape[2] + self.trimmed[0]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k``, ``v`` to layer ``layer``'s cache; returns every key and value it attends to."""
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
+        w = self.windows[layer]
+        if w is not None and k.shape[2] > w - 1:
+            self.trimmed[layer] += k.shape[2] - (w - 1)
+            self.k[layer], self.v[layer] = k[:, :, k.shape[2] - (w - 1) :], v[:, :, k.shape[2] - (w - 1) :]
         return k, v
 
 
-def build_attn_mask(key_mask_BL: Tensor | None, S: int, L: int, device) -> Tensor | None:
-    """Boolean (B, 1, S, L) mask: causal over the last S of L keys, minus padded keys.
+def build_attn_mask(key_mask_BL: Tensor | None, S: int, L: int, device, window: int | None = None
+                    ) -> Tensor | None:
+    """Boolean (B, 1, S, L) mask: causal over the last S of L keys, minus padded keys; with ``window``,
+    also minus keys ``window`` or more places before the query. None when plain causal attention will do.
 
     Every query may always see itself, so a fully padded row never turns into NaN.
     """
     q_pos = torch.arange(L - S, L, device=device).unsqueeze(1)
     k_pos = torch.arange(L, device=device).unsqueeze(0)
     causal_SL = k_pos <= q_pos
+    if window is not None:
+        causal_SL = causal_SL & (q_pos - k_pos < window)
     if key_mask_BL is None:
-        return None if S == L else causal_SL
+        return None if S == L and (window is None or window >= L) else causal_SL
     allowed = causal_SL.unsqueeze(0) & key_mask_BL.bool().unsqueeze(1)
     allowed = allowed | (k_pos == q_pos).unsqueeze(0)
     return allowed.unsqueeze(1)
+
+
+def sink_attention(q_BHSd: Tensor, k_BKLd: Tensor, v_BKLd: Tensor, mask: Tensor | None, sinks_H: Tensor,
+                   scale: float | None = None) -> Tensor:
+    """softmax([q k^T * scale, sink_h]) over the L keys and one sink per head, the sink's share dropped
+    before the values are summed: (B, H, S, d); scale None = d ** -0.5. ``mask``: boolean, broadcastable to
+    (B, H, S, L); None = causal over the last S keys. K kv heads are repeated to H."""
+    B, H, S, d = q_BHSd.shape
+    L = k_BKLd.shape[2]
+    k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k_BKLd, v_BKLd))
+    scores_BHSL = (q_BHSd @ k.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+    if mask is None:
+        q_pos = torch.arange(L - S, L, device=q_BHSd.device).unsqueeze(1)
+        mask = torch.arange(L, device=q_BHSd.device).unsqueeze(0) <= q_pos
+    scores_BHSL = scores_BHSL.masked_fill(~mask, float("-inf"))
+    sink_BHS1 = sinks_H.to(scores_BHSL.dtype).view(1, H, 1, 1).expand(B, H, S, 1)
+    probs = torch.cat([scores_BHSL, sink_BHS1], dim=-1).softmax(dim=-1)[..., :L]
+    return probs.to(v.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -80,19 +113,22 @@ class Attention(nn.Module):
 
     ``qk_norm_scope``: "head" normalises each head (Qwen3), "full" the whole q and k projections
     (OLMoE). ``clip_qkv`` clamps q, k, v (after the norms) to [-clip, clip] (OLMoE). ``out_bias``
-    gives o_proj a bias.
+    gives o_proj a bias. ``scale``: the softmax scale (None = head_dim ** -0.5). ``sinks``: a learned logit per head (``self.sinks``, (Hq,)) joins every
+    softmax and takes probability mass without adding a value (gpt-oss). The sliding window, if any, is
+    in the mask the caller passes; a window-trimmed cache returns fewer keys, the mask's last columns.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, bias: bool = False,
                  qk_norm: bool = False, norm_eps: float = 1e-6, out_bias: bool = False,
-                 qk_norm_scope: str = "head", clip_qkv: float | None = None):
+                 qk_norm_scope: str = "head", clip_qkv: float | None = None, sinks: bool = False,
+                 scale: float | None = None):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         if qk_norm_scope not in ("head", "full"):
             raise ValueError(f"qk_norm_scope={qk_norm_scope!r} is unknown; choose 'head' or 'full'")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.clip_qkv = clip_qkv
+        self.clip_qkv, self.scale = clip_qkv, scale
         self.qk_norm_scope = qk_norm_scope
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -101,6 +137,7 @@ class Attention(nn.Module):
         full = qk_norm_scope == "full"
         self.q_norm = RMSNorm(n_heads * head_dim if full else head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(n_kv_heads * head_dim if full else head_dim, norm_eps) if qk_norm else None
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, layer_idx: int = 0) -> Tensor:
@@ -120,7 +157,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        is_causal = mask is None and k.shape[2] == S
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        if mask is not None and mask.shape[-1] != k.shape[2]:
+            mask = mask[..., -k.shape[2]:]  # the cache kept only the window's keys
+        if self.sinks is not None:
+            o = sink_attention(q, k, v, mask, self.sinks, self.scale)
+        else:
+            is_causal = mask is None and k.shape[2] == S
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

@@ -20,8 +20,9 @@ def init_weights_(module: nn.Module, std: float | None = None, out_std: float | 
     | parameter                                        | init                                   |
     |--------------------------------------------------|----------------------------------------|
     | norms (``*norm.weight``)                         | 1                                      |
-    | biases (``*.bias``)                              | 0                                      |
+    | biases (``*.bias``, expert ``*_bias``)           | 0                                      |
     | ``router.w_noise`` (noisy_topk)                  | 0 (the noise starts at softplus(0))    |
+    | ``router.soft_scale`` (soft)                     | 1                                      |
     | residual outputs: ``o_proj``, ``w_down``, ``down_proj`` | N(0, out_std)                   |
     | everything else: embeddings, q/k/v, ``w_gate``, ``w_up``, gate/up projections, router, head | N(0, std) |
     | buffer ``router.expert_bias`` (sigmoid_bias)     | 0                                      |
@@ -34,10 +35,12 @@ def init_weights_(module: nn.Module, std: float | None = None, out_std: float | 
     for name, p in module.named_parameters():
         if name.endswith("norm.weight"):
             nn.init.ones_(p)
-        elif name.endswith(".bias") or name == "bias":
+        elif name.endswith((".bias", "_bias")) or name == "bias":
             nn.init.zeros_(p)
         elif "w_noise" in name:
             nn.init.zeros_(p)
+        elif name.endswith("soft_scale"):
+            nn.init.ones_(p)
         else:
             s = out_std if any(key in name for key in RESIDUAL_OUT) else std
             nn.init.normal_(p, std=s if s is not None else 1 / math.sqrt(p.shape[-1]))

@@ -5,17 +5,23 @@ Legend: B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ModelConfig
-from moekit.nn.attention import Attention, KVCache, RMSNorm, build_attn_mask, rope_cos_sin
+from moekit.functional.routing_balanced import balanced_hash_table
+from moekit.functional.routing_dynamic import relu_l1_update
+from moekit.nn.attention import Attention, KVCache, RMSNorm, build_attn_mask
 from moekit.nn.experts import MLP
 from moekit.nn.init import init_weights_
 from moekit.nn.mla import MultiHeadLatentAttention
+from moekit.nn.moa import MixtureOfAttention
 from moekit.nn.moe import MoELayer, MoEOutput, MoEStats
+from moekit.nn.rope import rope_tables
 
 __all__ = ["MoETransformer", "ModelOutput", "KVCache"]
 
@@ -53,28 +59,46 @@ class ModelOutput:
         return self._stats
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """RMSNorm, or (``norm_type="layer"`` / ``"layer_bias"``) a LayerNorm with a weight, without / with a bias."""
+    if cfg.norm_type != "rms":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_type == "layer_bias")
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
         self.idx = idx
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         if cfg.mla is not None:
             self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla)
+        elif cfg.attn_experts:
+            self.attn = MixtureOfAttention(cfg.d_model, cfg.attn_experts, cfg.attn_top_k, cfg.kv_heads, cfg.hd)
         else:
             self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, bias=cfg.attn_bias,
                                   qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, out_bias=cfg.attn_out_bias,
-                                  qk_norm_scope=cfg.qk_norm_scope, clip_qkv=cfg.clip_qkv)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+                                  qk_norm_scope=cfg.qk_norm_scope, clip_qkv=cfg.clip_qkv,
+                                  sinks=cfg.attn_sinks, scale=cfg.attn_scale)
+        self.window = cfg.window(idx)
+        self.residual_scale = cfg.residual_scale
+        self.ffn_norm = make_norm(cfg)
         self.is_moe = cfg.is_moe_layer(idx)
         self.ffn = MoELayer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.dense_hidden, "swiglu")
 
-    def forward(self, x, cos, sin, mask, token_mask, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, self.idx)
+    def _res(self, y: Tensor) -> Tensor:
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
+
+    def forward(self, x, cos, sin, mask, token_mask, cache, input_ids=None):
+        x = x + self._res(self.attn(self.attn_norm(x), cos, sin, mask, cache, self.idx))
         h = self.ffn_norm(x)
         if self.is_moe:
-            out = self.ffn(h, token_mask=token_mask)
-            return x + out.output, out
-        return x + self.ffn(h), None
+            if getattr(self.ffn, "needs_token_ids", False):  # hash routing chooses by token id
+                out = self.ffn(h, token_mask=token_mask, token_ids=input_ids)
+            else:
+                out = self.ffn(h, token_mask=token_mask)
+            return x + self._res(out.output), out
+        return x + self._res(self.ffn(h)), None
 
 
 class MoETransformer(nn.Module):
@@ -85,8 +109,9 @@ class MoETransformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.norm = make_norm(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size,
+                                                                      bias=config.lm_head_bias)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -94,6 +119,10 @@ class MoETransformer(nn.Module):
         rules) with std = ``init_std`` and, for the residual outputs, ``init_std / sqrt(2 n_layers)``."""
         std = self.config.init_std
         init_weights_(self, std, std / math.sqrt(2 * self.config.n_layers))
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty KV cache for this model: sliding-window layers keep only their window's keys."""
+        return KVCache(self.config.n_layers, [b.window for b in self.layers])
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if b.is_moe]
@@ -104,7 +133,51 @@ class MoETransformer(nn.Module):
         (layer index -> MoEStats, as in :attr:`ModelOutput.stats`). Call after the optimizer step."""
         for block in self.layers:
             if block.is_moe and block.ffn.router.expert_bias is not None:
-                block.ffn.update_expert_bias(stats[block.idx].tokens_per_expert)
+                block.ffn.update_expert_bias(stats[block.idx].tokens_per_expert, stats[block.idx].bias_target)
+
+    @contextmanager
+    def record_routing(self) -> Iterator[dict[int, list[Tensor]]]:
+        """``with model.record_routing() as rec:`` -> ``rec[layer index]``, each MoE layer's record
+        (:meth:`MoELayer.record_routing`)."""
+        with ExitStack() as stack:
+            yield {b.idx: stack.enter_context(b.ffn.record_routing()) for b in self.layers if b.is_moe}
+
+    @contextmanager
+    def replay_routing(self, record: dict[int, list[Tensor]]) -> Iterator[None]:
+        """``with model.replay_routing(rec):`` every MoE layer replays its own record."""
+        missing = [b.idx for b in self.layers if b.is_moe and b.idx not in record]
+        if missing:
+            raise ValueError(f"replay_routing: the record has no calls for MoE layer(s) {missing}")
+        with ExitStack() as stack:
+            for b in self.layers:
+                if b.is_moe:
+                    stack.enter_context(b.ffn.replay_routing(record[b.idx]))
+            yield
+
+    @torch.no_grad()
+    def update_relu_l1(self, stats: dict[int, MoEStats]) -> None:
+        """ReMoE's adaptive lambda (relu routers): one step for every relu layer, from the sparsity
+        (inactive token-expert pairs) averaged over those layers in ``stats``, against the target
+        1 - top_k / num_experts. Call once per optimizer step, like :meth:`update_expert_biases`."""
+        layers = [b for b in self.layers if b.is_moe and getattr(b.ffn.router, "relu_l1", None) is not None]
+        if not layers:
+            return
+        sparsity = sum(1 - float(stats[b.idx].experts_per_token) / b.ffn.cfg.num_experts for b in layers) / len(layers)
+        for b in layers:
+            cfg, l1 = b.ffn.cfg, b.ffn.router.relu_l1
+            l1.copy_(relu_l1_update(l1, sparsity, 1 - cfg.top_k / cfg.num_experts, cfg.relu_l1_multiplier))
+
+    def wants_balanced_hash(self) -> bool:
+        """True when some layer is a hash router with ``hash_balanced`` (see :meth:`balance_hash_tables`)."""
+        return any(m.cfg.router == "hash" and m.cfg.hash_balanced for m in self.moe_layers())
+
+    @torch.no_grad()
+    def balance_hash_tables(self, token_counts_V: Tensor) -> None:
+        """hash_balanced: rebuild every such layer's token -> expert table so that tokens counted
+        ``token_counts_V`` times (the training data) load the experts evenly."""
+        for m in self.moe_layers():
+            if m.cfg.router == "hash" and m.cfg.hash_balanced:
+                m.router.hash_table.copy_(balanced_hash_table(token_counts_V, m.cfg.num_experts))
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
                 kv_cache: KVCache | None = None) -> ModelOutput:
@@ -119,6 +192,8 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence length {past + S} exceeds max_seq_len={self.config.max_seq_len}")
         dev = input_ids.device
         x = self.embed(input_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.bool()
@@ -133,16 +208,22 @@ class MoETransformer(nn.Module):
             positions = (key_mask.long().cumsum(1) - 1).clamp_min(0)[:, past:]
         else:
             positions = torch.arange(past, past + S, device=dev).unsqueeze(0).expand(B, S)
-        cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta, x.dtype)
-        mask = build_attn_mask(key_mask, S, past + S, dev) if (key_mask is not None or past > 0) else None
+        cos, sin = rope_tables(positions, self.config, x.dtype)
+        # one mask per distinct window (None = the whole context)
+        masks = {
+            w: build_attn_mask(key_mask, S, past + S, dev, w) if (key_mask is not None or past > 0 or w) else None
+            for w in {b.window for b in self.layers}
+        }
         token_mask = attention_mask.bool() if attention_mask is not None else None
         moe_outputs: dict[int, MoEOutput] = {}
         for block in self.layers:
-            x, moe_out = block(x, cos, sin, mask, token_mask, kv_cache)
+            x, moe_out = block(x, cos, sin, masks[block.window], token_mask, kv_cache, input_ids)
             if moe_out is not None:
                 moe_outputs[block.idx] = moe_out
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.lm_head is None else self.lm_head(x)
+        if self.config.logits_divisor != 1.0:
+            logits = logits / self.config.logits_divisor
         loss = None
         if labels is not None:
             if attention_mask is not None:
@@ -161,7 +242,7 @@ class MoETransformer(nn.Module):
         inactive = 0
         for m in self.moe_layers():
             per_expert = sum(w[0].numel() for w in (m.experts.w_gate, m.experts.w_up, m.experts.w_down) if w is not None)
-            E, k = m.cfg.num_experts, m.cfg.top_k
+            E, k = m.cfg.num_experts, m.cfg.active_k  # hierarchical: top_k in each of group_top_k groups
             total += (E - m.experts.num_experts) * per_expert  # held by other ranks
             active_experts = E if m.cfg.router == "dense" else k
             inactive += (E - active_experts) * per_expert

@@ -28,6 +28,8 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 
 from moekit.nn.moe import expert_parameter_ids
+from moekit.parallel.dcp_kept import retire_previous
+from moekit.parallel.fsdp import FSDPLayout
 from moekit.parallel.groups import ParallelGroups, barrier, collective
 from moekit.rundir import CheckpointError, atomic_write, atomic_write_json
 from moekit.rundir.checkpoints import file_digest
@@ -80,12 +82,25 @@ def _single_process_ok():
         yield
 
 
-def _wrap(t: Tensor, sharded: bool, groups: ParallelGroups | None) -> Any:
-    """Describe an expert shard as its slice of the global tensor; anything else is replicated."""
-    if not sharded or groups is None or t.dim() == 0:
-        return t
+def _wrap(t: Tensor, sharded: bool, groups: ParallelGroups | None, fsdp: FSDPLayout | None) -> Any:
+    """Describe an expert shard as its slice of the global tensor; anything else is replicated.
+
+    FSDP: a non-expert DTensor already has its global shape; an expert one (L, ...) is this EP rank's
+    experts, re-described on the (ep, dp) mesh as rows of the global (E, ...) tensor: the EP split first,
+    FSDP's inside it (both torch.chunk rows, as FSDP shards).
+    """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    if isinstance(t, DTensor):
+        if not sharded:
+            return t
+        if fsdp is None:
+            raise ValueError("an FSDP-sharded expert tensor needs the FSDPLayout to be checkpointed")
+        shape = torch.Size((t.shape[0] * fsdp.groups.ep_size, *t.shape[1:]))
+        return DTensor.from_local(t.to_local(), fsdp.ckpt_mesh, [Shard(0), Shard(0)], run_check=False,
+                                  shape=shape, stride=torch.empty(shape, device="meta").stride())
+    if not sharded or groups is None or t.dim() == 0:
+        return t
     return DTensor.from_local(t, groups.mesh, [Replicate(), Shard(0)], run_check=False)
 
 
@@ -101,7 +116,8 @@ def _init_adam_state(opt: torch.optim.Optimizer) -> None:
 
 
 def _state(model: nn.Module, opt: torch.optim.Optimizer | None, groups: ParallelGroups | None,
-           extra: dict[str, Tensor] | None, *, copy: bool) -> tuple[dict[str, Any], list[tuple[Tensor, Any]]]:
+           extra: dict[str, Tensor] | None, *, copy: bool,
+           fsdp: FSDPLayout | None = None) -> tuple[dict[str, Any], list[tuple[Tensor, Any]]]:
     """The DCP state dict, and (destination, source) pairs to copy back after a load."""
     experts = expert_parameter_ids(model)
     expert_names = {name for name, p in model.named_parameters() if id(p) in experts}
@@ -109,7 +125,7 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer | None, groups: Parallel
 
     def entry(dst: Tensor, sharded: bool) -> Any:
         src = dst.detach().clone() if copy else dst.detach()
-        wrapped = _wrap(src, sharded, groups)
+        wrapped = _wrap(src, sharded, groups, fsdp)
         pairs.append((dst, wrapped))
         return wrapped
 
@@ -131,10 +147,12 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer | None, groups: Parallel
 
 def save_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
              groups: ParallelGroups | None = None, extra: dict[str, Tensor] | None = None,
-             info: dict[str, Any] | None = None) -> None:
+             info: dict[str, Any] | None = None, fsdp: FSDPLayout | None = None, keep: int = 1) -> None:
     """Save model (+ optimizer state, + extra tensors) to the DCP directory ``path``; collective.
 
-    ``groups`` None: one process (no process group), every tensor local and full.
+    ``groups`` None: one process (no process group), every tensor local and full. ``fsdp``: the layout
+    of a model sharded by :func:`moekit.parallel.fsdp.apply_fsdp`. ``keep``: checkpoints kept in all, the
+    previous ones under ``checkpoints/dcp-step-<S>`` (moekit.parallel.dcp_kept).
     """
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
@@ -143,13 +161,14 @@ def save_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
         shutil.rmtree(tmp)
     if _dist_on():
         barrier("checkpoint save")
-    sd, _ = _state(model, opt, groups, extra, copy=False)
+    sd, _ = _state(model, opt, groups, extra, copy=False, fsdp=fsdp)
     with _single_process_ok():
         collective("distributed checkpoint save",
                    lambda: dcp.save(sd, checkpoint_id=str(tmp), no_dist=not _dist_on()))
     if main:
         meta = dict(info or {}, format="moekit-dcp", world_size=dist.get_world_size() if _dist_on() else 1,
-                    ep_size=groups.ep_size if groups is not None else 1, sha256=_digests(tmp))
+                    ep_size=groups.ep_size if groups is not None else 1, fsdp=fsdp is not None,
+                    sha256=_digests(tmp))
         atomic_write_json(tmp / INFO_FILE, meta)
         if path.exists():
             if old.exists():
@@ -157,7 +176,7 @@ def save_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
             path.rename(old)
         tmp.rename(path)
         if old.exists():
-            shutil.rmtree(old)
+            retire_previous(path, old, keep)
     if _dist_on():
         barrier("checkpoint save")
 
@@ -179,14 +198,15 @@ def read_dcp_info(path: str | Path) -> dict[str, Any]:
 
 
 def load_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
-             groups: ParallelGroups | None = None, extra: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+             groups: ParallelGroups | None = None, extra: dict[str, Tensor] | None = None,
+             fsdp: FSDPLayout | None = None) -> dict[str, Tensor]:
     """Load a DCP checkpoint into ``model`` (and ``opt``), resharding experts to this layout; collective.
 
     ``extra``: name -> template tensor of the extra entries to read. Returns them loaded.
     """
     src = resolve_dcp_dir(path)
     _verify(src, on_all_ranks=_dist_on())
-    sd, pairs = _state(model, opt, groups, extra, copy=True)
+    sd, pairs = _state(model, opt, groups, extra, copy=True, fsdp=fsdp)
     try:
         with _single_process_ok():
             dcp.load(sd, checkpoint_id=str(src), no_dist=not _dist_on())
@@ -197,7 +217,8 @@ def load_dcp(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | No
     with torch.no_grad():
         for dst, loaded in pairs:
             local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
-            dst.copy_(local)
+            # an FSDP parameter's local shard is a view of its storage: copying into it loads the param
+            (dst.to_local() if hasattr(dst, "to_local") else dst).copy_(local)
     return {k: v for k, v in (sd.get("extra") or {}).items()}
 
 

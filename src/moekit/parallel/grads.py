@@ -1,4 +1,9 @@
-"""Gradient reduction and clipping for expert parallel x data parallel.
+"""Gradient reduction and clipping for expert parallel x data parallel with replicated parameters.
+
+The fallback of ``DistributedRuntime(fsdp=False)`` (``--no-fsdp``): every rank keeps full copies of the
+non-expert parameters and their optimizer state. It is what a model with a 0-d parameter (the soft
+router's ``soft_scale``) needs, which FSDP2 cannot shard, and code that wants plain full tensors on every
+rank; the default is FSDP2 sharding (fsdp.py).
 
 Each rank's loss is the mean over its own tokens, and the global objective is the mean of the N ranks'
 losses (= the loss of the global batch when ranks hold equal token counts). So:

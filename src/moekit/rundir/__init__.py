@@ -15,6 +15,9 @@ A run directory (``moekit train --out DIR``, ``moekit convert HF DIR``):
   data/                the prepared token files (moekit.data.prepare_data)
   ranks/rank<r>/       rank r > 0 of a distributed run: its own metrics
 
+A comparison directory (``moekit train --compare --out DIR``) holds moe/ and dense/ (runs, or seed<s>/
+runs), compare.json (the plan and the finished runs' rows, for --resume), summary.json and report/.
+
 Every file is written by ``atomic_write``: 1. to a temporary name beside it, 2. fsync'ed, 3. renamed
 over the target, 4. the directory fsync'ed. A reader sees the old file or the new one, never half.
 
@@ -27,6 +30,8 @@ Below data, train, infer, analysis and hf: they all read and write runs through 
 none of them (the model module is imported by the methods that build a model).
 """
 from moekit.rundir.files import (
+                                 COMPARE_FILE,
+                                 DamagedFileError,
                                  CONFIG_FILE,
                                  DATA_DIR,
                                  DCP_DIR,
@@ -38,7 +43,11 @@ from moekit.rundir.files import (
                                  MODEL_INDEX_FILE,
                                  QUANT_FILE,
                                  RANKS_DIR,
+                                 REPORT_DIR,
                                  STATE_FILE,
+                                 SUMMARY_FILE,
+                                 SWEEP_FILE,
+                                 SWEEP_PLAN_FILE,
                                  TOKENIZER_FILE,
                                  TRAIN_CONFIG_FILE,
                                  atomic_copy,
@@ -50,7 +59,7 @@ from moekit.rundir.shards import ShardReader
 from moekit.rundir.weights import CheckpointError, load_weights, materialise, save_weights
 
 __all__ = [
-    "CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
+    "DamagedFileError", "COMPARE_FILE", "SWEEP_FILE", "SWEEP_PLAN_FILE", "REPORT_DIR", "SUMMARY_FILE", "CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
     "MODEL_FILE", "MODEL_INDEX_FILE", "QUANT_FILE", "RANKS_DIR", "STATE_FILE", "TOKENIZER_FILE", "TRAIN_CONFIG_FILE",
     "CheckpointError", "RunDir", "ShardReader", "atomic_copy", "atomic_write", "atomic_write_json", "load_checkpoint",
     "load_weights", "materialise", "read_manifest", "save_checkpoint", "save_weights",

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
-           "MODEL_FILE", "MODEL_INDEX_FILE", "QUANT_FILE", "RANKS_DIR", "STATE_FILE", "TOKENIZER_FILE",
+__all__ = ["DamagedFileError", "COMPARE_FILE", "CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
+           "MODEL_FILE", "MODEL_INDEX_FILE", "QUANT_FILE", "RANKS_DIR", "REPORT_DIR", "STATE_FILE", "SUMMARY_FILE", "SWEEP_FILE", "SWEEP_PLAN_FILE", "TOKENIZER_FILE",
            "TRAIN_CONFIG_FILE", "atomic_copy",
            "atomic_write", "atomic_write_json"]
 
@@ -30,17 +30,42 @@ HF_CONFIG_FILE = "hf_config.json"
 INIT_FILE = "init_from.json"
 DATA_DIR = "data"
 RANKS_DIR = "ranks"
+SUMMARY_FILE = "summary.json"  # a comparison's result (moekit train --compare)
+COMPARE_FILE = "compare.json"  # a comparison's plan and the rows of its finished runs (for --resume)
+REPORT_DIR = "report"
+SWEEP_FILE = "sweep.json"  # moekit sweep: per expert count, the runs' losses, params, speed, speedup
+SWEEP_PLAN_FILE = "sweep_plan.json"  # what a sweep trains (a second invocation must match it)
+
+
+class DamagedFileError(ValueError):
+    """A file is there but cannot be decoded (invalid JSON, a truncated tokenizer, ...): a runtime failure
+    (exit code 1), named with the file and what to do."""
 
 
 Data = bytes | str | Callable[[Path], Any]  # a writer is called with the temporary path to write
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_synced(tmp: Path, data: Data) -> None:
-    """Steps 1 and 2: write ``data`` to ``tmp``, fsync it."""
+    """Steps 1 and 2: write ``data`` to ``tmp``, fsync it. The file gets the mode a plain ``open`` would
+    (0666 less the umask): some writers (safetensors) create private 0600 files."""
     if callable(data):
         data(tmp)
     else:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.chmod(tmp, 0o666 & ~_umask())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
 

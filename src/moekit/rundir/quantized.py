@@ -17,15 +17,21 @@ from moekit.rundir.weights import CheckpointError
 if TYPE_CHECKING:
     from moekit.rundir.run import RunDir
 
-__all__ = ["load_quantized"]
+__all__ = ["load_quantized", "read_quant_spec"]
 
 
-def load_quantized(run: RunDir, dtype: torch.dtype | None = None) -> nn.Module:
+def read_quant_spec(run: RunDir) -> QuantSpec:
+    """The format of a quantized run (its ``quantization.json``)."""
+    return QuantSpec.from_dict(json.loads((run.path / QUANT_FILE).read_text()))
+
+
+def load_quantized(run: RunDir, dtype: torch.dtype | None = None, skip: frozenset[str] = frozenset()) -> nn.Module:
     """The quantized model of ``run`` (eval mode): stored tensors are assigned as read, not dequantized.
-    ``dtype`` casts the unquantized floating tensors (embeddings, norms, ...) only."""
+    ``dtype`` casts the unquantized floating tensors (embeddings, norms, ...) only. Tensors named in
+    ``skip`` are not read and stay on the meta device (the expert store of an offloaded model reads them)."""
     from moekit.nn.transformer import MoETransformer
 
-    spec = QuantSpec.from_dict(json.loads((run.path / QUANT_FILE).read_text()))
+    spec = read_quant_spec(run)
     with torch.device("meta"):
         model = MoETransformer(run.config())
         swap_in_quantized(model, spec)
@@ -38,6 +44,9 @@ def load_quantized(run: RunDir, dtype: torch.dtype | None = None) -> nn.Module:
                                   f"unexpected {unexpected[:5]}")
         state = {}
         for k in meta:
+            if k in skip:
+                state[k] = meta[k]
+                continue
             t = f.get_tensor(k)
             state[k] = t.to(dtype) if dtype is not None and t.dtype in (torch.float32, torch.bfloat16) and \
                 not k.endswith(("_scale", "_base", "expert_bias")) else t

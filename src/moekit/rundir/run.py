@@ -28,6 +28,7 @@ from moekit.rundir.files import (
     STATE_FILE,
     TOKENIZER_FILE,
     TRAIN_CONFIG_FILE,
+    DamagedFileError,
     atomic_copy,
     atomic_write,
     atomic_write_json,
@@ -98,10 +99,10 @@ class RunDir:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no {what}; is {self.path} a moekit run directory?") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); the {what} is damaged") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DamagedFileError(f"{path}: not valid JSON ({e}); the {what} is damaged") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: holds {type(d).__name__}, not the JSON object of a {what}")  # noqa: TRY004
+            raise DamagedFileError(f"{path}: holds {type(d).__name__}, not the JSON object of a {what}")
         return d
 
     def config(self) -> ModelConfig:
@@ -211,9 +212,9 @@ class RunDir:
         weights = self.model_path
         if not weights.is_file() and self.has_dcp():  # a distributed run checkpoints to DCP only
             dcp = self.dcp_dir
-            raise CheckpointError(f"{weights}: missing; {self.path} holds a distributed checkpoint ({dcp}). Write "
-                                  "the single-file weights first: moekit.parallel.checkpoint."
-                                  f"export_dcp_to_safetensors('{dcp}', '{weights}')")
+            raise CheckpointError(f"{weights}: missing; {self.path} holds a distributed checkpoint ({dcp}). The "
+                                  "moekit commands write the single-file weights on first use; from Python: "
+                                  "moekit.parallel.run_export.export_if_distributed(run_dir)")
         if weights.is_file() and self.has_checkpoint():
             try:
                 manifest = self.read_manifest()

@@ -1,4 +1,4 @@
-"""`moekit serve DIR`: an OpenAI-compatible HTTP server over a moekit run or a Hugging Face directory.
+"""`moekit serve RUN_DIR`: an OpenAI-compatible HTTP server over a moekit run or a Hugging Face directory.
 
     moekit serve runs/moe --port 8000 --max-batch 8
     curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -20,30 +20,40 @@ __all__ = ["build_parser", "load_engine", "main", "start_engine"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", metavar="DIR", help="a moekit run directory or an HF model directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("model_dir", metavar="RUN_DIR", help="a moekit run directory or an HF model directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests decoded together (default 8)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default none: no key)")
     p.add_argument("--deterministic", action="store_true",
                    help="decode each request in its own forward: output identical to `moekit generate` under "
-                        "any concurrency (slower than batching)")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: DIR's name)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights (default: as loaded)")
-    p.add_argument("--stats-interval", type=int, default=1,
-                   help="read MoE routing stats every N forwards (0 = never; default 1 = every forward)")
-    p.add_argument("--expert-window", type=int, default=256,
+                        "any concurrency, slower than batching (default off)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default none: RUN_DIR's name)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op CPU threads (default none: torch's choice)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], metavar="NAME",
+                   help="cast the weights; one of: float32, bfloat16, float16 (default none: as loaded)")
+    p.add_argument("--stats-interval", type=int, default=1, metavar="N",
+                   help="read MoE routing stats every N forwards, 0 = never (default 1: every forward)")
+    p.add_argument("--expert-window", type=int, default=256, metavar="N",
                    help="forwards in the window of the load-balance metrics (default 256)")
-    p.add_argument("--prefill-chunk", type=int, default=16,
-                   help="prompt tokens prefilled per step while other requests decode (0 = whole prompts; "
-                        "default 16)")
-    p.add_argument("--no-metrics", action="store_true", help="no request metrics (to measure what they cost)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--grace", type=float, default=10.0,
+    p.add_argument("--prefill-chunk", type=int, default=16, metavar="N",
+                   help="prompt tokens prefilled per step while other requests decode, 0 = whole prompts "
+                        "(default 16)")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="no request metrics, to measure what they cost (default off)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                   help="largest request body in bytes (default 1048576 = 1 MiB)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="seconds in-flight requests may finish after SIGTERM (default 10)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   metavar="NAME",
+                   help="server log level; one of: debug, info, warning, error; debug and info also log each "
+                        "request (default warning)")
     return p
 
 
@@ -52,7 +62,11 @@ def load_engine(model_dir: str, metrics, *, dtype: str | None = None, **engine_k
     import torch
 
     from moekit.infer.load import load_for_inference
+    from moekit.parallel.run_export import export_if_distributed
 
+    note = export_if_distributed(model_dir)  # a run trained on several processes: its DCP checkpoint
+    if note:
+        print(f"moekit serve: {note}", file=sys.stderr)
     model, tok = load_for_inference(model_dir)
     if dtype is not None:
         model = model.to(getattr(torch, dtype))

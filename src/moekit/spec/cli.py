@@ -1,6 +1,6 @@
-"""``moekit spec TARGET``: print what a MoE model costs (params, FLOPs, memory) without loading it.
+"""``moekit spec MODEL``: print what a MoE model costs (params, FLOPs, memory) without loading it.
 
-TARGET is a preset name, a run directory holding moekit's ``config.json``, or an HF ``config.json``
+MODEL is a preset name, a run directory holding moekit's ``config.json``, or an HF ``config.json``
 (or the directory that holds one).
 """
 from __future__ import annotations
@@ -26,11 +26,12 @@ _LABELS = {
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("target", metavar="TARGET",
+    parser.add_argument("target", metavar="MODEL",
                         help=f"preset ({', '.join(PRESETS)}), run directory, or HF config.json / its directory")
-    parser.add_argument("--seq-len", type=int, default=4096,
+    parser.add_argument("--seq-len", type=int, default=4096, metavar="N",
                         help="context length for attention FLOPs and the KV cache (default 4096)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of tables (default off)")
     return parser
 
 
@@ -54,14 +55,27 @@ def load_target(target: str) -> tuple[str, dict[str, Any]]:
         if not path.is_file():
             raise FileNotFoundError(f"{target!r} is a directory without a {path.name}")
     if path.is_file():
-        with path.open() as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return str(path), cfg
+        return str(path), _read_config(path)
     if target.lower() in PRESETS:
         return target.lower(), get_preset(target)
     raise FileNotFoundError(f"{target!r} is neither a file, a directory nor a preset; presets: {', '.join(PRESETS)}")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A model config.json, or a UsageError-style ValueError that names the file and what it holds."""
+    raw = path.read_bytes()
+    expected = "expected a model's config.json (a JSON object), a directory holding one, or a preset"
+    if not raw.strip():
+        raise ValueError(f"{path} is empty; {expected}")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (binary data); {expected}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {expected}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}; {expected}")
+    return cfg
 
 
 def summary(report: SpecReport, seq_len: int = 4096, name: str | None = None) -> dict[str, Any]:
@@ -166,8 +180,9 @@ def _notes(s: dict[str, Any]) -> list[str]:
         notes.append(f"{kv['sliding_window_layers']} sliding-window layers cache at most their window")
     if s["name"] in PUBLISHED:
         pub = PUBLISHED[s["name"]]
-        notes.append(f"published: {_num(pub.total)} total, {_num(pub.active)} active "
-                     f"({'without' if pub.convention == 'no_embedding' else 'with'} input embedding)")
+        notes.append(f"published: {pub.total} total, {pub.active} active "
+                     f"({'without' if pub.convention == 'no_embedding' else 'with'} input embedding; "
+                     f"{pub.source})")
     return notes
 
 

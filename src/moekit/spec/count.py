@@ -60,6 +60,9 @@ class _Tally:
 
     def moe(self, d: int, e: int, k: int, f: int, *, gated: bool = True, expert_bias: bool = False,
             router_bias: bool = False, score_bias: int = 0) -> None:
+        if not 1 <= k <= e:  # active parameters would exceed the total
+            raise ValueError(f"experts per token {k} (num_experts_per_tok / top_k) must be in [1, the "
+                             f"number of experts {e}]")
         self.moe_layers += 1
         self.add("routed_experts", (3 if gated else 2) * d * f, count=e, active=k, matmul=True)
         if expert_bias:  # gate_up (2F) and down (D) biases per expert
@@ -202,20 +205,23 @@ def _ernie4_5_moe(cfg: dict) -> SpecReport:
 
 
 def _deepseek_v3(cfg: dict) -> SpecReport:
-    """Multi-head latent attention; first_k_dense_replace dense layers, then routed + shared experts."""
+    """Multi-head latent attention; first_k_dense_replace dense layers, then routed + shared experts.
+    DeepSeek-V2 is the same without the routing bias, and with its own defaults."""
     d, h, n_layers = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads"), _get(cfg, "num_hidden_layers")
+    v2 = cfg.get("model_type") == "deepseek_v2"
     if "q_lora_rank" not in cfg:  # null is meaningful (plain q_proj), absent is not
-        raise ValueError("deepseek_v3 config is missing required field 'q_lora_rank'")
+        raise ValueError(f"{cfg.get('model_type')} config is missing required field 'q_lora_rank'")
     q_rank, kv_rank = cfg["q_lora_rank"], _get(cfg, "kv_lora_rank")
     nope, rope, v_dim = _get(cfg, "qk_nope_head_dim"), _get(cfg, "qk_rope_head_dim"), _get(cfg, "v_head_dim")
     e, k, f = _get(cfg, "n_routed_experts"), _get(cfg, "num_experts_per_tok"), _get(cfg, "moe_intermediate_size")
-    first_dense, bias = _get(cfg, "first_k_dense_replace", default=3), _get(cfg, "attention_bias", default=False)
+    first_dense = _get(cfg, "first_k_dense_replace", default=0 if v2 else 3)
+    bias = _get(cfg, "attention_bias", default=False)
     t = _Tally()
     for i in range(n_layers):
         t.mla(d, h, q_rank, kv_rank, nope, rope, v_dim, bias=bias)
         if i >= first_dense:
-            t.moe(d, e, k, f, score_bias=e)
-            t.mlp("shared_experts", d, f * _get(cfg, "n_shared_experts", default=1))
+            t.moe(d, e, k, f, score_bias=0 if v2 else e)
+            t.mlp("shared_experts", d, f * _get(cfg, "n_shared_experts", default=2 if v2 else 1))
         else:
             t.mlp("dense_mlp", d, _get(cfg, "intermediate_size"))
         t.add("norms", 2 * d)
@@ -241,9 +247,11 @@ def _dbrx(cfg: dict) -> SpecReport:
 
 def _jetmoe(cfg: dict) -> SpecReport:
     """Mixture of attention heads: each of E attention experts owns q and o projections; k/v are shared."""
-    d, n_layers, hkv, dkv = (_get(cfg, "hidden_size"), _get(cfg, "num_hidden_layers"),
+    # the published config.json files keep the original JetMoE code's names (n_embd, moe_num_experts, ...)
+    d, n_layers, hkv, dkv = (_get(cfg, "hidden_size", "n_embd"), _get(cfg, "num_hidden_layers", "n_layer"),
                              _get(cfg, "num_key_value_heads"), _get(cfg, "kv_channels", "head_dim"))
-    e, k, f = _get(cfg, "num_local_experts"), _get(cfg, "num_experts_per_tok"), _get(cfg, "intermediate_size")
+    e, k = _get(cfg, "num_local_experts", "moe_num_experts"), _get(cfg, "num_experts_per_tok", "moe_top_k")
+    f = _get(cfg, "intermediate_size", "ffn_hidden_size")
     t = _Tally()
     for _ in range(n_layers):
         t.add("attention", 2 * d * hkv * dkv, count=e, active=k, matmul=True)  # MoA q and o experts
@@ -345,6 +353,7 @@ def _moekit(cfg: dict) -> SpecReport:
 _ADAPTERS: dict[str, Callable[[dict], SpecReport]] = {
     "mixtral": _mixtral_like, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _mixtral_like,
     "ernie4_5_moe": _ernie4_5_moe, "deepseek_v3": _deepseek_v3, "switch_transformers": _switch_transformers,
+    "deepseek_v2": _deepseek_v3,
     "gpt_oss": _mixtral_like, "dbrx": _dbrx, "jetmoe": _jetmoe, "phimoe": _mixtral_like, "granitemoe": _mixtral_like,
     "moekit": _moekit,
 }

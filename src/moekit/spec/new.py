@@ -109,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moekit new", description="Write a randomly initialised model of a "
                                 "preset's real dimensions as a run directory (sharded safetensors).")
     p.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--out", required=True, help="the run directory to write")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the run directory to write (default none: required)")
+    p.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="keep only the first N decoder layers (default none: all of the preset's)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], metavar="NAME",
+                   help="dtype of the weights; one of: float32, bfloat16 (default bfloat16)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="initialisation seed (default 0)")
     return p
 
 

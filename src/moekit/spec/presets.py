@@ -12,11 +12,29 @@ __all__ = ["PRESETS", "PUBLISHED", "Published", "get_preset"]
 
 
 class Published(NamedTuple):
-    total: float
-    active: float
+    """A model's parameter counts as its authors publish them: the text with its own number of digits
+    ("46.7B"), and where it was published. A count agrees when it is within one unit of the last digit
+    given (sources round or truncate: "37B" for 37.55B)."""
+
+    total: str
+    active: str
+    source: str
     # "with_embedding": input embedding and LM head both in active (our convention);
-    # "no_embedding": the model card leaves the input embedding out (compare active_params_no_embedding)
+    # "no_embedding": the source leaves the input embedding out (compare active_params_no_embedding)
     convention: str = "with_embedding"
+
+    @staticmethod
+    def value(text: str) -> float:
+        return float(text.removesuffix("B")) * 1e9
+
+    @staticmethod
+    def unit(text: str) -> float:
+        """One unit of the last digit given: "46.7B" -> 0.1e9."""
+        digits = text.removesuffix("B").partition(".")[2]
+        return 10.0 ** -len(digits) * 1e9
+
+    def agrees(self, total: float, active: float) -> bool:
+        return all(abs(n - self.value(t)) < self.unit(t) for n, t in ((total, self.total), (active, self.active)))
 
 
 _MIXTRAL_8X7B: dict[str, Any] = {  # mistralai/Mixtral-8x7B-v0.1
@@ -97,6 +115,23 @@ _DEEPSEEK_V3: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3
 }
 
 
+_DEEPSEEK_V2_LITE: dict[str, Any] = {  # deepseek-ai/DeepSeek-V2-Lite
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001, "bos_token_id": 100000,
+    "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+    "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+
+
 def _gpt_oss(n_layers: int, n_experts: int) -> dict[str, Any]:
     """openai/gpt-oss-20b and -120b differ only in depth and expert count."""
     return {
@@ -122,19 +157,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-30b-a3b": _QWEN3_30B_A3B,
     "olmoe-1b-7b": _OLMOE_1B_7B,
     "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
     "gpt-oss-20b": _gpt_oss(24, 32),
     "gpt-oss-120b": _gpt_oss(36, 128),
 }
 
 PUBLISHED: dict[str, Published] = {
-    "mixtral-8x7b": Published(46.70e9, 12.88e9),
-    "mixtral-8x22b": Published(140.62e9, 39.15e9),
-    "qwen1.5-moe-a2.7b": Published(14.32e9, 2.69e9),
-    "qwen3-30b-a3b": Published(30.53e9, 3.35e9),
-    "olmoe-1b-7b": Published(6.92e9, 1.28e9),
-    "deepseek-v3": Published(671.03e9, 37.55e9),  # without the multi-token-prediction module
-    "gpt-oss-20b": Published(20.91e9, 3.61e9, "no_embedding"),  # gpt-oss model card
-    "gpt-oss-120b": Published(116.83e9, 5.13e9, "no_embedding"),
+    "mixtral-8x7b": Published("46.7B", "12.9B", "Mistral AI, 'Mixtral of experts' (blog, 2023-12-11): "
+                              "'46.7B total parameters but only uses 12.9B parameters per token'"),
+    "mixtral-8x22b": Published("141B", "39B", "Mistral AI, 'Cheaper, Better, Faster, Stronger' (blog, "
+                               "2024-04-17): '39B active parameters out of 141B'"),
+    "qwen1.5-moe-a2.7b": Published("14.3B", "2.7B", "Qwen team, 'Qwen1.5-MoE' (blog, 2024-03-28), model "
+                                   "table: 14.3B parameters, 2.7B activated"),
+    "qwen3-30b-a3b": Published("30.5B", "3.3B", "Qwen/Qwen3-30B-A3B model card: '30.5B in total and 3.3B "
+                               "activated'"),
+    "olmoe-1b-7b": Published("6.9B", "1.3B", "Muennighoff et al., 'OLMoE' (arXiv 2409.02060): 6.9B total, "
+                             "1.3B active per token"),
+    # without the multi-token-prediction module (the checkpoint's 685B includes it)
+    "deepseek-v3": Published("671B", "37B", "DeepSeek-V3 technical report (arXiv 2412.19437): '671B total "
+                             "parameters with 37B activated for each token'"),
+    "gpt-oss-20b": Published("20.91B", "3.61B", "OpenAI, gpt-oss model card (2025-08-05), table 1",
+                             "no_embedding"),
+    "gpt-oss-120b": Published("116.83B", "5.13B", "OpenAI, gpt-oss model card (2025-08-05), table 1",
+                              "no_embedding"),
 }
 
 

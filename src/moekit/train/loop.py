@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moekit.config import ModelConfig, TrainConfig
 from moekit.data import DataInfo, TokenDataset
 from moekit.nn.transformer import MoETransformer
 from moekit.rundir import CheckpointError, RunDir
+from moekit.train.accumulate import forward_backward
 from moekit.train.monitor import CollapseDetector
 from moekit.train.runtime import LocalRuntime, Runtime, StepReduction, evaluate
 
@@ -54,10 +56,11 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at cfg.steps."""
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at
+    cfg.schedule_end (= cfg.steps unless a resume kept or extended the run's own schedule), flat after."""
     if step <= cfg.warmup_steps:
         return cfg.lr * step / max(1, cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.schedule_end - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -75,7 +78,7 @@ def _step_record(step: int, aux: float, red: StepReduction, loss: float, lr: flo
     rec: dict[str, Any] = {"step": step, "loss": loss, "aux_loss": aux, "lr": lr,
                            "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "grad_norm": grad_norm}
     if red.stats:
-        tpe, drop, bal, z, ent, imb = {}, {}, {}, {}, {}, {}
+        tpe, drop, bal, z, ent, imb, ept = {}, {}, {}, {}, {}, {}, {}
         for layer, st in red.stats.items():
             counts = st.tokens_per_expert.tolist()
             tpe[str(layer)] = counts
@@ -85,8 +88,12 @@ def _step_record(step: int, aux: float, red: StepReduction, loss: float, lr: flo
             ent[str(layer)] = float(st.router_entropy)
             mean = sum(counts) / len(counts)
             imb[str(layer)] = max(counts) / mean if mean > 0 else 0.0
+            ept[str(layer)] = float(st.experts_per_token)
         rec.update(tokens_per_expert=tpe, drop_rate=drop, balance_loss=bal, z_loss=z, router_entropy=ent,
-                   max_over_mean_load=imb)
+                   max_over_mean_load=imb, experts_per_token=ept)
+        kinds = {str(layer): st.to_dict()["tokens_per_kind"] for layer, st in red.stats.items() if st.extra_kinds}
+        if kinds:  # null / zero-computation experts' assignments, by kind
+            rec["tokens_per_kind"] = kinds
     rec.update(red.comm)
     return rec
 
@@ -131,6 +138,9 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, run: RunDir, data: DataInfo
     model = MoETransformer(model_cfg)
     if init_state is not None:
         model.load_state_dict(init_state)
+    elif not resume and model.wants_balanced_hash():  # hash_balanced: tables from the training data's counts
+        tokens_N = data.train_dataset().tokens_N
+        model.balance_hash_tables(torch.from_numpy(np.bincount(tokens_N, minlength=model_cfg.vocab_size)))
     runtime.setup(model, model_cfg, cfg)
     opt = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -166,12 +176,10 @@ def _step(s: _Session, step: int) -> dict[str, Any]:
     for g in s.opt.param_groups:
         g["lr"] = lr
     x, y = s.runtime.batch(step, *s.train_data.get_batch(cfg.batch_size, cfg.seq_len, s.gen))
-    out = s.fwd(x, labels=y)
-    loss = s.runtime.loss(out)
-    if not math.isfinite(loss):
-        raise s.diverged(step, f"loss is {loss} (aux {float(out.aux_loss.detach())})")
     s.opt.zero_grad(set_to_none=True)
-    (out.loss + out.aux_loss).backward()
+    out = forward_backward(s.fwd, s.runtime, x, y, cfg.grad_accum,
+                           lambda loss, aux: s.diverged(step, f"loss is {loss} (aux {aux})"))
+    loss = out.loss
     red = s.runtime.reduce(model, out)
     grad_norm = s.runtime.grad_norm_(model, cfg.grad_clip)
     # an inf/NaN gradient would make the weights NaN, and a checkpoint of this step would then
@@ -180,9 +188,10 @@ def _step(s: _Session, step: int) -> dict[str, Any]:
         raise s.diverged(step, f"the gradient norm is {grad_norm} (loss {loss})")
     s.opt.step()
     model.update_expert_biases(red.stats)  # aux-loss-free balancing (sigmoid_bias): after the step
+    model.update_relu_l1(red.stats)  # ReMoE's adaptive lambda (relu): once per step
     dt = time.perf_counter() - t0
     s.tps.append(cfg.batch_size * cfg.seq_len / dt)
-    return _step_record(step, float(out.aux_loss.detach()), red, loss, lr, s.tps[-1],
+    return _step_record(step, out.aux_loss, red, loss, lr, s.tps[-1],
                         time.perf_counter() - s.t_start, grad_norm)
 
 

@@ -19,6 +19,7 @@ from moekit.config import ModelConfig, TrainConfig
 from moekit.data import TokenDataset
 from moekit.functional.stats import MoEStats
 from moekit.rundir import RunDir
+from moekit.train.activations import checkpoint_blocks
 from moekit.train.progress import Progress
 
 __all__ = ["LocalRuntime", "Runtime", "StepReduction", "evaluate"]
@@ -50,7 +51,9 @@ class Runtime(Protocol):
         """The global batch's LM loss; NaN when any part of the objective (also aux) is not finite."""
 
     def reduce(self, model: nn.Module, out: Any) -> StepReduction:
-        """After backward: reduce gradients for the global objective; the statistics every rank agrees on."""
+        """After backward: reduce gradients for the global objective; the statistics every rank agrees on.
+
+        ``out.stats``: this process's routing statistics of the step (merged over its micro-batches)."""
 
     def grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """The whole model's gradient norm, always computed; gradients clipped to ``max_norm`` when > 0."""
@@ -100,6 +103,8 @@ class LocalRuntime:
 
     def setup(self, model: nn.Module, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         self.keep = cfg.keep_checkpoints
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
 
     def progress(self, label: str, total: int, start: int) -> Progress:
         return Progress(label, total, start)
