@@ -21,7 +21,7 @@ from moekit.infer.store import StoreError
 from moekit.nn.quantized import expert_linear, expert_scales
 from moekit.rundir import RunDir
 
-from .conftest import D, E, EXPERT_BYTES, H, K, LAYERS, prompts, tiny_model
+from .conftest import EXPERT_BYTES, LAYERS, D, E, H, K, prompts, tiny_model
 
 NEW = 8
 GROUP = 32
@@ -118,10 +118,10 @@ def test_slots_hold_the_stored_bytes(qruns, fmt):
                 "int4": {"w_up_q": (torch.uint8, (H, D // 2)), "w_up_scale": (torch.float16, (H, D // GROUP))}}[fmt]
         assert {k: (v.dtype, tuple(v.shape)) for k, v in views.items() if k.startswith("w_up")} == want
         parts = len(views)
-        assert STORED[fmt] <= om.cache.slot_bytes <= STORED[fmt] + 64 * parts
+        assert STORED[fmt] <= om.cache.slot_bytes <= STORED[fmt] + 128 * parts  # rounding + room to align
         st = om.stats()
         assert st["slots_allocated"] <= st["capacity_experts"] == 4
-        assert st["capacity_experts"] * om.cache.slot_bytes <= budget + 64 * parts * 4
+        assert st["capacity_experts"] * om.cache.slot_bytes <= budget + 128 * parts * 4
     finally:
         om.close()
 

@@ -113,3 +113,14 @@ def test_rope_scaling_reductions():
                                                     original_max_position_embeddings=64), 0)
     torch.testing.assert_close(yarn[[0, -1]], torch.stack([base[0], base[-1] / 8]))
     assert math.isclose(attn, 0.1 * math.log(8.0) + 1)
+
+
+def test_longrope_switches_past_the_original_context():
+    r = RopeScaling(rope_type="longrope", factor=4.0, original_max_position_embeddings=16,
+                    short_factor=(1.0, 2.0), long_factor=(3.0, 5.0), short_mscale=1.1, long_mscale=1.3)
+    base, _ = rope_inv_freq(4, 1e4, RopeScaling(rope_type="linear", factor=1.0), 0)
+    short, m_short = rope_inv_freq(4, 1e4, r, 16)
+    long, m_long = rope_inv_freq(4, 1e4, r, 17)
+    torch.testing.assert_close(short, base / torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(long, base / torch.tensor([3.0, 5.0]))
+    assert (m_short, m_long) == (1.1, 1.3)

@@ -95,7 +95,7 @@ def worker(spec: dict[str, Any]) -> None:
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     code = "import json, sys; from moekit.bench.formats import worker; worker(json.load(sys.stdin))"
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), text=True)
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"bench formats: the {spec['fmt']} run failed (exit {proc.returncode})")
     return json.loads(Path(spec["result"]).read_text())

@@ -392,7 +392,8 @@ class OffloadedModel:
 def load_offloaded(path: str | os.PathLike[str], expert_memory: int | str = "all", *, policy: str = "lru",
                    prefetch: bool = True, read: str = "pread", dtype: torch.dtype | str | None = None,
                    predictor: Any = None) -> OffloadedModel:
-    """Load a moekit run directory or an HF checkpoint with its routed experts kept on disk.
+    """Load a moekit run directory or an HF checkpoint with its routed experts kept on disk (a quantized run
+    directory's experts are cached and computed in their stored format: ``moekit.infer.offload_quant``).
 
     ``expert_memory``: bytes (``"2GiB"``) of expert cache shared by all layers, ``0`` (no reuse: every
     expert read each time it is needed) or ``"all"``. A budget below one layer's top-k experts is refused
@@ -402,5 +403,9 @@ def load_offloaded(path: str | os.PathLike[str], expert_memory: int | str = "all
     ``moekit.infer.prefetch.oracle_predictor``).
     """
     from moekit.infer.offload_loader import build_offloaded
+    from moekit.infer.offload_quant import build_offloaded_quantized
+    from moekit.rundir import QUANT_FILE
 
-    return build_offloaded(Path(path), parse_budget(expert_memory), policy, prefetch, read, dtype, predictor)
+    path = Path(path)
+    build = build_offloaded_quantized if (path / QUANT_FILE).is_file() else build_offloaded
+    return build(path, parse_budget(expert_memory), policy, prefetch, read, dtype, predictor)

@@ -87,17 +87,25 @@ def _moe_prefix(adapter, names: set[str]) -> str:
     return adapter.experts.prefix
 
 
+def _refuse_unsupported(path: Path, cfg, hf: dict | None, adapter) -> None:
+    m = cfg.moe
+    if m.expert_ffn_bias or m.swiglu_limit is not None or m.output_bias or (adapter is not None and adapter.fused):
+        raise ValueError(
+            f"{path}: expert offloading holds per-expert SwiGLU weights without biases; "
+            f"{hf.get('model_type') if hf else 'this model'}'s experts (biased, clamped or stored fused) "
+            "are not supported: load it whole"
+        )
+
+
 def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, read: str,
                     dtype: torch.dtype | str | None, predictor: Any = None) -> OffloadedModel:
     from moekit.hf.adapter import load_state
     from moekit.hf.common import ShardReader, parse_dtype
-    from moekit.rundir import QUANT_FILE, CheckpointError, materialise
+    from moekit.rundir import CheckpointError, materialise
 
-    if (path / QUANT_FILE).is_file():  # quantized experts: that format's store, slots and compute
-        from moekit.infer.offload_quant import build_offloaded_quantized
-        return build_offloaded_quantized(path, budget, policy, prefetch, read, dtype, predictor)
     # 1. config
     cfg, hf, adapter = _read_config(path)
+    _refuse_unsupported(path, cfg, hf, adapter)
     want = parse_dtype(dtype)
     # 2. the store (validates every expert extent)
     if adapter is None:

@@ -10,9 +10,9 @@ prefetch and trace staying as they are:
 - :class:`QuantizedExpertCache`: a slot holds the expert's stored bytes (packed weights, scales, bases),
   read straight into it, so a byte budget holds ~4x (int8) / ~7x (int4, group 32) more experts than fp32;
 - :class:`OffloadedQuantizedExperts` runs :func:`moekit.nn.quantized.expert_ffn`, the per-expert kernel of
-  the resident :class:`moekit.nn.quantized.QuantizedGroupedExperts`, on the same rows in the same order,
-  (int4 dequantizing into one reusable buffer); so the logits are bit-identical to the resident quantized
-  model: the same element-wise decode of the scales, the same matmuls on the same operands, one combine.
+  the resident :class:`moekit.nn.quantized.QuantizedGroupedExperts`, on the same rows in the same order
+  (int4 dequantizing into one reusable buffer), so the logits are bit-identical to the resident quantized
+  model's: the same element-wise decode of the scales, the same matmuls on the same values, one combine.
 Dequantizing whole experts into the cache instead was not taken: the cache would hold fp32 bytes again.
 """
 from __future__ import annotations
@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from moekit.infer.offload import ExpertCache, OffloadedModel
 from moekit.infer.store_quant import QuantizedExpertStore
-from moekit.nn.quantized import QuantizedGroupedExperts, expert_ffn, expert_scales, set_module, sort_assignments
+from moekit.nn.quantized import (
+    QuantizedGroupedExperts,
+    expert_ffn,
+    expert_scales,
+    set_module,
+    sort_assignments,
+)
 
 __all__ = ["OffloadedQuantizedExperts", "QuantizedExpertCache", "build_offloaded_quantized"]
 
@@ -34,7 +40,7 @@ _COPY_ALIGN = 64  # fresh CPU tensors are 64-byte aligned
 
 class QuantizedExpertCache(ExpertCache):
     """An :class:`ExpertCache` whose slot holds an expert's stored parts as they are in the file (``{w}_q``,
-    ``{w}_scale``, int8's ``{w}_base``), read straight into it: a slot is the stored size plus at most 63
+    ``{w}_scale``, int8's ``{w}_base``), read straight into it: a slot is the stored size plus at most 128
     bytes of alignment per part, so the byte budget is the memory the cache takes. The scales are decoded
     per call (a few us per expert: 1/I of the work of its matmul); decoding them into the slot instead would
     grow an int4 slot by 11 % (fp32 scales of groups of 32)."""

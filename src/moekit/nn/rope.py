@@ -108,7 +108,9 @@ def rope_tables(positions_BS: Tensor, cfg: ModelConfig, dtype: torch.dtype) -> t
     r = cfg.rope_scaling
     if r is None:
         return rope_cos_sin(positions_BS, cfg.rope_dim, cfg.rope_theta, dtype)
-    seq_len = int(positions_BS.max()) + 1 if positions_BS.numel() else 0
+    # only dynamic and longrope depend on the context length (read on the host: one sync per forward)
+    needs_len = r.rope_type in ("dynamic", "longrope") and positions_BS.numel()
+    seq_len = int(positions_BS.max()) + 1 if needs_len else 0
     inv_freq_h, attention = rope_inv_freq(cfg.rope_dim, cfg.rope_theta, r, seq_len, positions_BS.device)
     freqs_BSh = positions_BS.float().unsqueeze(-1) * inv_freq_h
     emb = torch.cat([freqs_BSh, freqs_BSh], dim=-1)

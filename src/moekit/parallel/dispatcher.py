@@ -97,8 +97,8 @@ class AllToAllDispatcher:
 
 def _slice_experts_(experts: GroupedExperts, first: int, count: int) -> None:
     """Keep experts [first, first + count) in place (no new random draws: a seeded model stays a slice)."""
-    for name in ("w_gate", "w_up", "w_down"):
-        p = getattr(experts, name)
+    for name in ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias"):  # biases: BiasedExperts
+        p = getattr(experts, name, None)
         if p is not None:
             setattr(experts, name, nn.Parameter(p.detach()[first:first + count].clone(), requires_grad=p.requires_grad))
 
