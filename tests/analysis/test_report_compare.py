@@ -15,7 +15,7 @@ from moekit.analysis.stats import load_metrics
 from moekit.cli.report import main as report_main
 
 
-def _fake_run(path, src, seed, vals, counts=None):
+def _fake_run(path, src, seed, vals, counts=None, seconds_per_eval=1.0):
     """A run directory with ``src``'s configs, the given seed, and val losses ``vals`` every 10 steps."""
     path.mkdir(parents=True)
     shutil.copy(src / "config.json", path / "config.json")
@@ -24,7 +24,7 @@ def _fake_run(path, src, seed, vals, counts=None):
     recs = []
     for i, v in enumerate(vals):
         rec = {"step": 10 * (i + 1), "loss": v + 0.1, "aux_loss": 0.0, "lr": 1e-3, "tokens_per_s": 1000.0,
-               "elapsed_s": float(i), "grad_norm": 1.0, "val_loss": v}
+               "elapsed_s": seconds_per_eval * i, "grad_norm": 1.0, "val_loss": v}
         if counts is not None:
             rec |= {"tokens_per_expert": {"0": counts[i]}, "drop_rate": {"0": 0.0}, "balance_loss": {"0": 1.0},
                     "z_loss": {"0": 0.5}, "router_entropy": {"0": 1.2}, "max_over_mean_load": {"0": 1.0}}
@@ -50,7 +50,9 @@ def test_every_seed_is_shown_with_mean_and_spread(moe_run, dense_run, tmp_path):
     assert f'data-metric="moe_mean_val">{statistics.fmean(finals_m):.4f} &plusmn; {statistics.stdev(finals_m):.4f}' in page
     assert f'data-metric="dense_mean_val">{statistics.fmean(finals_d):.4f} &plusmn; ' in page
     assert f'data-metric="diff_mean_val">{statistics.fmean(diffs):.4f} &plusmn; {statistics.stdev(diffs):.4f}' in page
-    assert "MoE lower in 2 of 3" in page  # seeds 0 and 1: -0.01; seed 2: +0.01
+    assert "MoE lower in 2 of 3 at equal steps" in page  # seeds 0 and 1: -0.01; seed 2: +0.01
+    # equal wall time: both sides log elapsed 0, 1, 2 s at their evaluations, so it is the final difference
+    assert f'data-metric="diff_equal_time">{statistics.fmean(diffs):.4f} &plusmn; {statistics.stdev(diffs):.4f}' in page
 
 
 def test_the_heatmap_scale_comes_from_the_steady_state(moe_run, tmp_path):
@@ -78,3 +80,13 @@ def test_report_of_an_empty_or_truncated_metrics_file_is_an_error_naming_it(moe_
         err = capsys.readouterr().err
         assert err.startswith(f"moekit report: error: {run / 'metrics.jsonl'}: no records") and err.count("\n") == 1
         assert not (run / "report" / "report.html").exists()
+
+
+def test_equal_wall_time_compares_the_slower_run_earlier_in_its_training(moe_run, dense_run, tmp_path):
+    from moekit.analysis.compare_plots import equal_time_diffs, paired_seeds
+
+    moe = _fake_run(tmp_path / "moe", moe_run[0], 0, [4.0, 3.6, 3.2], [[5, 5, 5, 5]] * 3, seconds_per_eval=2.0)
+    dense = _fake_run(tmp_path / "dense", dense_run[0], 0, [4.0, 3.5, 3.4])  # evaluations at 0, 1, 2 s
+    [(t, diff)] = equal_time_diffs(paired_seeds([load_metrics(moe), load_metrics(dense)]))
+    # at dense's end (2 s) the MoE run is at its second evaluation: 3.6 - 3.4
+    assert t == 2.0 and diff == np.float64(3.6 - 3.4)

@@ -85,6 +85,29 @@ def plot_moe_vs_dense(runs: Sequence[RunMetrics], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _val_by_time(run: RunMetrics) -> tuple[np.ndarray, np.ndarray]:
+    """(training seconds, val loss) of each evaluation, resumed sessions laid end to end."""
+    t_S = run.elapsed_s_S.astype(np.float64)
+    restart_S = np.concatenate([[False], t_S[1:] < t_S[:-1]])
+    offset_S = np.cumsum(np.where(restart_S, np.concatenate([[0.0], t_S[:-1]]), 0.0))
+    total_S = t_S + offset_S
+    at_V = np.searchsorted(run.step_S, run.val_step_V)
+    return total_S[np.minimum(at_V, len(total_S) - 1)], run.val_loss_V
+
+
+def equal_time_diffs(pairs) -> list[tuple[float, float]]:
+    """(seconds, MoE − dense val loss) per seed at the shorter run's training time (linear interpolation
+    between evaluations), the same rule as the trainer's summary (moekit.train.compare)."""
+    out = []
+    for _, m, d in pairs:
+        (tm, vm), (td, vd) = _val_by_time(m), _val_by_time(d)
+        t = float(min(tm[-1], td[-1]))
+        if t < tm[0] or t < td[0]:
+            continue
+        out.append((t, float(np.interp(t, tm, vm) - np.interp(t, td, vd))))
+    return out
+
+
 def _mean_std(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{xs[0]:.4f}"
@@ -107,7 +130,16 @@ def seeds_table(runs: Sequence[RunMetrics]) -> str:
     rows.append(f'<tr><td class="l">MoE &minus; dense</td><td>{len(diffs)}</td>'
                 f'<td data-run="seeds" data-metric="diff_mean_val">{_mean_std(diffs)}</td>'
                 f"<td>{min(diffs):+.4f}</td><td>{max(diffs):+.4f}</td></tr>")
+    timed = equal_time_diffs(pairs)
+    if len(timed) == len(pairs):
+        per = [d for _, d in timed]
+        rows.append(f'<tr><td class="l">MoE &minus; dense at equal wall time</td><td>{len(per)}</td>'
+                    f'<td data-run="seeds" data-metric="diff_equal_time">{_mean_std(per)}</td>'
+                    f"<td>{min(per):+.4f}</td><td>{max(per):+.4f}</td></tr>")
     seeds = ", ".join(html.escape(str(s)) for s, _, _ in pairs)
+    when = (f" Equal wall time: each seed's val losses compared at the shorter run's training time "
+            f"({statistics.fmean(t for t, _ in timed):,.0f} s on average), interpolated between evaluations."
+            if timed else "")
     return ('<table><thead><tr><th class="l">final val loss</th><th>seeds</th><th>mean &plusmn; std</th>'
             "<th>min</th><th>max</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-            f'<p class="note">Seeds {seeds}; MoE lower in {wins} of {len(diffs)}.</p>')
+            f'<p class="note">Seeds {seeds}; MoE lower in {wins} of {len(diffs)} at equal steps.{when}</p>')
