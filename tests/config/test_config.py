@@ -70,7 +70,7 @@ def test_training_only_fields_are_marked_once():
         "init_std", "max_seq_len", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.importance_loss_coef",
         "moe.capacity_factor", "moe.drop_policy", "moe.seq_aux", "moe.bias_update_rate", "moe.router_jitter",
         "moe.expert_impl",
-        "moe.bias_update", "moe.device_loss_coef", "moe.comm_loss_coef",  # options on the existing routers
+        "moe.bias_update", "moe.device_loss_coef", "moe.comm_loss_coef", "moe.balance_scope",  # options on the existing routers
         "moe.entropy_loss_coef", "moe.relu_l1_init", "moe.relu_l1_multiplier", "moe.sinkhorn_max_iter",
         "moe.sinkhorn_tol", "moe.hash_balanced",  # the dynamic, balanced and hierarchical routers
     }

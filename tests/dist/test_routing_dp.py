@@ -3,6 +3,7 @@ is identical on every rank and equal to one process's; router noise is drawn ind
 step, and a resumed run draws exactly what the uninterrupted one did."""
 from __future__ import annotations
 
+import json
 import math
 
 import _spawn
@@ -45,3 +46,16 @@ def test_router_noise_is_independent_per_rank_and_step_and_replayed_on_resume(wo
         assert sorted(resumed) == [1, 2, 3, 4]
         for step in (3, 4):
             assert math.isclose(full[step], resumed[step], rel_tol=1e-6), (step, full[step], resumed[step])
+
+
+def test_global_balance_over_ranks_equals_one_process(world, tiny_data, tmp_path):
+    """balance_scope="global": f from both ranks' picks, so the two ranks' objective is one process's on
+    the whole batch; with each rank's own f (micro_batch) it is not."""
+    ranks, _ = world
+    mcfg, tcfg = routing_configs("topk", "global")
+    train(mcfg, tcfg, tmp_path / "one", tiny_data, label="one")
+    ref = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines())}
+    got, per = ranks[0]["balance_global"]["losses"], ranks[0]["balance_micro_batch"]["losses"]
+    for step in (1, 2, 3, 4):
+        assert math.isclose(got[step], ref[step], rel_tol=1e-5), (step, got[step], ref[step])
+    assert max(abs(per[s] - ref[s]) / ref[s] for s in (3, 4)) > 1e-6

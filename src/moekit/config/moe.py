@@ -9,6 +9,7 @@ from moekit.config.moe_routers import TOP_P_RULES, check_new_routers
 
 __all__ = [
     "ACTIVATIONS",
+    "BALANCE_SCOPES",
     "BIAS_UPDATES",
     "DROP_POLICIES",
     "EXPERT_IMPLS",
@@ -30,6 +31,7 @@ EXPERT_IMPLS = ("fused", "loop")
 SCORE_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORES = ("sum_top", "max")
 BIAS_UPDATES = ("sign", "sign_centered", "quantile")
+BALANCE_SCOPES = ("micro_batch", "global")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,11 @@ class MoEConfig(ConfigBase):
         "sign", "the sigmoid_bias expert-bias step: rate * sign(mean load - load) (sign, DeepSeek-V3), the "
         "same minus its mean (sign_centered), or quantile balancing of the scores (quantile; no rate)",
         training_only=True, choices=BIAS_UPDATES)
+    balance_scope: str = setting(
+        "micro_batch", "where the balance loss's load fractions f_e come from: each forward's own picks "
+        "(micro_batch) or the picks of the whole optimizer step, summed over every --grad-accum micro-batch "
+        "and every data-parallel rank (global, Qwen3; an extra no-grad forward per step when there is more "
+        "than one micro-batch or rank)", training_only=True, choices=BALANCE_SCOPES)
     num_null_experts: int = setting(0, "null experts (AdaMoE, topk router): output 0, cost nothing, own logits")
     num_zero_experts: int = setting(0, "zero-computation experts that output 0 (MoE++, topk router)")
     num_copy_experts: int = setting(0, "zero-computation experts that output their input (MoE++, topk router)")

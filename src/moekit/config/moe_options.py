@@ -41,6 +41,9 @@ def check_router_options(cfg: Any) -> None:
     if cfg.bias_update == "quantile" and cfg.top_k >= cfg.num_experts:
         raise ValueError(f"bias_update='quantile' needs the (top_k + 1)-th best score: top_k={cfg.top_k} must "
                          f"be < num_experts={cfg.num_experts}")
+    if cfg.balance_scope == "global" and (cfg.router not in FIXED_K_ROUTERS or cfg.seq_aux):
+        raise ValueError(f"balance_scope='global' needs the batch-level balance loss of a fixed top-k router, one "
+                         f"of {FIXED_K_ROUTERS} without seq_aux; router={cfg.router!r}, seq_aux={cfg.seq_aux}")
     d = cfg.num_devices
     if not isinstance(d, int) or isinstance(d, bool) or d < 1 or cfg.num_experts % d:
         raise ValueError(f"num_devices={d!r} must be an integer >= 1 dividing num_experts={cfg.num_experts}")

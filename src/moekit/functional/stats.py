@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from moekit.functional.losses_global import global_balancing_loss
 from moekit.config import MoEConfig
 from moekit.functional import losses as L
 from moekit.functional import routing_dynamic as D
@@ -90,6 +91,7 @@ class RoutedCall:
     k_target: int = 1  # experts per token a relu router aims at (its top_k)
     expert_bias: Tensor | None = None  # the routing bias used (quantile balancing reads it)
     extra_counts: Tensor | None = None  # (X,) assignments to the null / zero-computation experts
+    global_counts_E: Tensor | None = None  # balance_scope="global": the whole step's picks per expert
 
 
 def _balance(call: RoutedCall, E: int) -> Tensor:
@@ -101,6 +103,8 @@ def _balance(call: RoutedCall, E: int) -> Tensor:
         return D.relu_l1_loss(r.logits_TE.relu(), call.k_target, call.mask_T)
     if r.active_TK is not None:
         return D.dynamic_balancing_loss(r.probs_TE, r.indices_TK, r.active_TK, E, call.mask_T)
+    if call.global_counts_E is not None:  # f from the whole optimizer step, P from this forward
+        return global_balancing_loss(r.probs_TE, call.global_counts_E, E, call.mask_T)
     if call.seq_ids_T is not None:
         return L.sequence_balancing_loss(r.probs_TE, r.indices_TK, call.seq_ids_T, call.num_seqs, E, call.mask_T)
     return L.load_balancing_loss(r.probs_TE, r.indices_TK, E, call.mask_T)

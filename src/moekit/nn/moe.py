@@ -5,6 +5,8 @@ E experts, K top-k, A assignments.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -128,6 +130,7 @@ class MoELayer(nn.Module):
         zc = cfg.num_copy_experts + cfg.num_constant_experts
         self.zero_experts = ZeroComputeExperts(cfg) if zc else None
         self._replay = RoutingReplay(cfg.router)
+        self._step_counts_E: Tensor | None = None  # see global_balance()
         self.init_weights()
 
     @property
@@ -227,6 +230,7 @@ class MoELayer(nn.Module):
         num_assign = a.token_A.numel() if valid_A is None else valid_A.sum()
         quantile = self.cfg.bias_update == "quantile" and self.router.expert_bias is not None
         bias_E = self.router.expert_bias.detach().clone() if quantile else None  # the bias this call used
+        step_counts_E = self._step_counts_E  # balance_scope="global": set by global_balance() for this step
 
         def compute() -> tuple[Tensor, MoEStats]:
             with torch.set_grad_enabled(grad):  # whenever it is read: the forward's grad mode
@@ -236,12 +240,23 @@ class MoELayer(nn.Module):
                                   num_assign, n if (compiling or not isinstance(n, Tensor)) else int(n),
                                   rows.seq_ids_T, x.shape[0] if rows.seq_ids_T is not None else 1, rows.mask_T,
                                   valid_A, k_target=self.cfg.top_k, expert_bias=bias_E,
-                                  extra_counts=self._extra_counts(a, valid_A))
+                                  extra_counts=self._extra_counts(a, valid_A), global_counts_E=step_counts_E)
                 return losses_and_stats(call, self.cfg)
 
         if compiling:
             return MoEOutput(y, *compute())
         return MoEOutput(y, compute=compute)
+
+    @contextmanager
+    def global_balance(self, counts_E: Tensor) -> Iterator[None]:
+        """Inside: the balance loss takes its load fractions from ``counts_E`` (the picks per expert,
+        null / zero-computation ones included, of the whole optimizer step: every micro-batch and rank)
+        instead of this forward's own (``balance_scope="global"``)."""
+        self._step_counts_E = counts_E
+        try:
+            yield
+        finally:
+            self._step_counts_E = None
 
     @property
     def needs_token_ids(self) -> bool:

@@ -143,6 +143,16 @@ class MoETransformer(nn.Module):
             yield {b.idx: stack.enter_context(b.ffn.record_routing()) for b in self.layers if b.is_moe}
 
     @contextmanager
+    def global_balance(self, counts: dict[int, Tensor]) -> Iterator[None]:
+        """``with model.global_balance({layer index: counts_E}):`` each MoE layer's balance loss takes its
+        load fractions from the step's counts (:meth:`MoELayer.global_balance`)."""
+        with ExitStack() as stack:
+            for b in self.layers:
+                if b.is_moe and b.idx in counts:
+                    stack.enter_context(b.ffn.global_balance(counts[b.idx]))
+            yield
+
+    @contextmanager
     def replay_routing(self, record: dict[int, list[Tensor]]) -> Iterator[None]:
         """``with model.replay_routing(rec):`` every MoE layer replays its own record."""
         missing = [b.idx for b in self.layers if b.is_moe and b.idx not in record]

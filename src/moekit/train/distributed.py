@@ -155,6 +155,14 @@ class DistributedRuntime:
             t /= self.world_size
         return float(t[0]) if math.isfinite(float(t[1])) else float("nan")
 
+    def sum_counts(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The step's picks per expert over every rank (each rank routed its own rows of the batch)."""
+        if self.groups is None or not counts:
+            return counts
+        keys = sorted(counts)
+        flat = all_reduce_(torch.stack([counts[k].to(torch.float64) for k in keys]), "balance counts all-reduce")
+        return {k: flat[i].to(counts[k].dtype) for i, k in enumerate(keys)}
+
     def reduce(self, model: nn.Module, out: Any) -> StepReduction:
         """Reduce gradients and routing counts over the ranks; return them with this step's all-to-all traffic."""
         if self.groups is None:

@@ -178,7 +178,7 @@ def _step(s: _Session, step: int) -> dict[str, Any]:
     x, y = s.runtime.batch(step, *s.train_data.get_batch(cfg.batch_size, cfg.seq_len, s.gen))
     s.opt.zero_grad(set_to_none=True)
     out = forward_backward(s.fwd, s.runtime, x, y, cfg.grad_accum,
-                           lambda loss, aux: s.diverged(step, f"loss is {loss} (aux {aux})"))
+                           lambda loss, aux: s.diverged(step, f"loss is {loss} (aux {aux})"), model)
     loss = out.loss
     red = s.runtime.reduce(model, out)
     grad_norm = s.runtime.grad_norm_(model, cfg.grad_clip)

@@ -55,6 +55,9 @@ class Runtime(Protocol):
 
         ``out.stats``: this process's routing statistics of the step (merged over its micro-batches)."""
 
+    def sum_counts(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Per-layer expert counts summed over every process (balance_scope="global")."""
+
     def grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """The whole model's gradient norm, always computed; gradients clipped to ``max_norm`` when > 0."""
 
@@ -118,6 +121,9 @@ class LocalRuntime:
 
     def reduce(self, model: nn.Module, out: Any) -> StepReduction:
         return StepReduction(out.stats, {})
+
+    def sum_counts(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return counts
 
     def grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         # max_norm = inf computes the norm and scales by exactly 1: a non-finite gradient is seen either way
