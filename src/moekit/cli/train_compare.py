@@ -50,8 +50,7 @@ def resume_compare(out: Path, overrides: dict[str, Any], prepare) -> int:
     if extra:
         raise UsageError(f"--compare --resume {out} finishes the comparison as it was planned; "
                          f"{', '.join('--' + k.replace('_', '-') for k in extra)} would change it: drop them")
-    plan_path = out / COMPARE_FILE
-    plan = RunDir(out)._read_json(plan_path, "comparison plan") if plan_path.is_file() else _legacy_plan(out)
+    plan = RunDir(out).compare_plan() or _legacy_plan(out)
     tcfg = TrainConfig.from_dict(plan["train"]).replace(**overrides)
     first = _first_moe_run(out, plan)
     if not first.is_run():

@@ -14,6 +14,7 @@ from torch import nn
 from moekit.config import ModelConfig, TrainConfig
 from moekit.rundir import checkpoints as ckpt
 from moekit.rundir.files import (
+    COMPARE_FILE,
     CONFIG_FILE,
     DATA_DIR,
     DCP_DIR,
@@ -126,6 +127,15 @@ class RunDir:
     def write_hf_config(self, hf_config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.hf_config_path, hf_config)
+
+    def compare_plan(self) -> dict[str, Any] | None:
+        """A comparison directory's plan and finished rows (compare.json), or None when there is none."""
+        path = self.path / COMPARE_FILE
+        return self._read_json(path, "comparison plan") if path.is_file() else None
+
+    def write_compare_plan(self, plan: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / COMPARE_FILE, plan)
 
     def write_init_record(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

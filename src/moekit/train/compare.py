@@ -7,7 +7,7 @@ from typing import Any
 
 from moekit.config import ModelConfig, TrainConfig
 from moekit.data import DataInfo
-from moekit.rundir import COMPARE_FILE, SUMMARY_FILE, RunDir, atomic_write_json
+from moekit.rundir import SUMMARY_FILE, RunDir, atomic_write_json
 from moekit.train.loop import TrainResult, train
 
 __all__ = ["dense_baseline", "compare", "step_reaching", "format_summary"]
@@ -85,10 +85,8 @@ def _elapsed_before(run: RunDir) -> float:
 
 def _plan(out_dir: Path, cfg: TrainConfig, seeds: int, resume: bool) -> dict[str, Any]:
     """The comparison's plan (seeds, training config) and the rows of its finished runs: compare.json."""
-    path = out_dir / COMPARE_FILE
-    if resume and path.is_file():
-        return RunDir(out_dir)._read_json(path, "comparison plan")
-    return {"seeds": seeds, "train": cfg.to_dict(), "done": {}}
+    plan = RunDir(out_dir).compare_plan() if resume else None
+    return plan if plan is not None else {"seeds": seeds, "train": cfg.to_dict(), "done": {}}
 
 
 def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataInfo, seeds: int = 1, *,
@@ -102,7 +100,7 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan(out_dir, cfg, seeds, resume)
-    atomic_write_json(out_dir / COMPARE_FILE, plan)
+    RunDir(out_dir).write_compare_plan(plan)
     runs: dict[str, list[dict[str, Any]]] = {"moe": [], "dense": []}
     for i in range(seeds):
         seed = cfg.seed + i
@@ -117,7 +115,7 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
                 if res.interrupted:  # SIGINT/SIGTERM: the run checkpointed; do not start the next one
                     return {"interrupted": True, "run_dir": str(run_dir)}
                 plan["done"][key] = _summary(res) | {"seed": seed, "run_dir": str(run_dir), "wall_s": before + res.wall_s}
-                atomic_write_json(out_dir / COMPARE_FILE, plan)
+                RunDir(out_dir).write_compare_plan(plan)
             runs[name].append(plan["done"][key])
         moe_curve = _val_curve(Path(runs["moe"][-1]["run_dir"]))
         runs["moe"][-1]["step_reaching_dense_final"] = step_reaching(moe_curve, runs["dense"][-1]["final_val_loss"])
