@@ -100,3 +100,16 @@ def test_the_sweep_refuses_flags_it_sets_and_another_plan_in_the_same_dir(tmp_pa
     (out / "sweep_plan.json").write_text(json.dumps({"experts": [1, 4]}))
     assert sweep_main(["--experts", "1,2", "--out", str(out), "--", *_flags(corpus)]) == 2
     assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_a_switch_sweep_prepares_its_data(tmp_path, corpus):
+    """The data is prepared from the runs' flags: a top-1 router must get the sweep's --top-k there too."""
+    from moekit.cli.sweep import _prepare_data, build_parser, plan_runs
+
+    args, passed = build_parser().parse_known_args(["--experts", "1,4", "--top-k", "1", "--seeds", "1",
+                                                    "--out", str(tmp_path)])
+    plan = plan_runs(args, ["--router", "switch", *_flags(corpus)])
+    _prepare_data(plan, tmp_path)
+    for e in (1, 4):
+        d = tmp_path / ("dense" if e == 1 else f"e{e}") / "seed0" / "data"
+        assert (d / "meta.json").is_file() and (d / "train.bin").stat().st_nlink >= 2  # hard links

@@ -119,7 +119,9 @@ def _prepare_data(plan: dict[str, Any], out: Path) -> None:
     from moekit.cli.train import resolve_configs
     from moekit.data import prepare_data
 
-    _, tcfg = resolve_configs(train_parser().parse_args(plan["train_flags"]))
+    # the data flags only matter here, but the model flags must still make a valid config
+    flags = [*plan["train_flags"], "--top-k", str(plan["top_k"]), "--experts", str(max(plan["top_k"], 2))]
+    _, tcfg = resolve_configs(train_parser().parse_args(flags))
     shared = RunDir(out).data_dir
     prepare_data(shared, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes)
     for e in plan["experts"]:
