@@ -46,7 +46,7 @@ def test_a_damaged_tokenizer_is_named(run, tmp_path, command):
     bad = _damaged(run, tmp_path, "tokenizer.json")
     name, *rest = command
     rest = [a.format(out=tmp_path / "hf") for a in rest]
-    res = _moekit(name, bad, *rest) if name != "convert" else _moekit(name, bad, *rest)
+    res = _moekit(name, bad, *rest)
     line = _error_line(res, f"moekit {name}", 1)
     assert f"{bad / 'tokenizer.json'}: cannot be read as a tokenizer" in line and "copy it again" in line
 

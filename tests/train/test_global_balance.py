@@ -30,7 +30,7 @@ def test_global_scope_over_two_micro_batches_equals_one_batch():
     x = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(1))
     ref, ref_g = _step(_model("micro_batch").train(), x, 1)
     got, got_g = _step(_model("global").train(), x, 2)
-    per, per_g = _step(_model("micro_batch").train(), x, 2)
+    _, per_g = _step(_model("micro_batch").train(), x, 2)
     assert got.aux_loss == pytest.approx(ref.aux_loss, rel=1e-5) and got.loss == pytest.approx(ref.loss, rel=1e-6)
     for n in ref_g:
         torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-4, atol=1e-6)

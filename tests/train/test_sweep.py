@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -74,7 +75,8 @@ def test_a_killed_sweep_resumes_and_reports_what_the_metrics_say(tmp_path, corpu
         assert set(row) >= {"experts", "total_params", "active_params", "final_val_loss", "tokens_per_s",
                             "wall_s", "speedup", "per_seed"}
         for seed_row in row["per_seed"]:
-            recs = [json.loads(ln) for ln in open(os.path.join(seed_row["run_dir"], "metrics.jsonl"))]
+            recs = [json.loads(ln) for ln in
+                    (Path(seed_row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
             assert [r["step"] for r in recs] == list(range(1, 13))  # resumed: each step logged once
             vals = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
             assert seed_row["final_val_loss"] == vals[-1][1]
@@ -106,7 +108,7 @@ def test_a_switch_sweep_prepares_its_data(tmp_path, corpus):
     """The data is prepared from the runs' flags: a top-1 router must get the sweep's --top-k there too."""
     from moekit.cli.sweep import _prepare_data, build_parser, plan_runs
 
-    args, passed = build_parser().parse_known_args(["--experts", "1,4", "--top-k", "1", "--seeds", "1",
+    args, _ = build_parser().parse_known_args(["--experts", "1,4", "--top-k", "1", "--seeds", "1",
                                                     "--out", str(tmp_path)])
     plan = plan_runs(args, ["--router", "switch", *_flags(corpus)])
     _prepare_data(plan, tmp_path)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from moekit.rundir import CheckpointError, DamagedFileError
 
-__all__ = ["USAGE", "RUNTIME", "UsageError", "guarded", "print_error", "readable_run"]
+__all__ = ["RUNTIME", "USAGE", "UsageError", "guarded", "print_error", "readable_run"]
 
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
 

@@ -19,11 +19,11 @@ import torch
 
 from moekit.cli.errors import UsageError
 from moekit.cli.flags import add_field_flags, field_flags, flag_name
+from moekit.cli.launch import launch_torchrun, make_runtime
 from moekit.cli.train_checks import check_flags, claim_out_dir, resumed_train_config
 from moekit.cli.train_compare import resume_compare, run_compare
 from moekit.config import ModelConfig, MoEConfig, ParallelConfig, TrainConfig, training_only_fields
 from moekit.rundir import COMPARE_FILE, CONFIG_FILE, RunDir
-from moekit.cli.launch import launch_torchrun, make_runtime
 
 __all__ = ["build_parser", "default_model_config", "main", "resolve_configs", "resolve_init_configs",
            "resolve_parallel"]

@@ -9,7 +9,7 @@ from moekit.cli.errors import UsageError
 from moekit.config import ModelConfig, TrainConfig
 from moekit.rundir import COMPARE_FILE, REPORT_DIR, SUMMARY_FILE, RunDir
 
-__all__ = ["run_compare", "resume_compare"]
+__all__ = ["resume_compare", "run_compare"]
 
 
 def run_compare(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, data: Any, seeds: int, *,

@@ -11,10 +11,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DamagedFileError", "COMPARE_FILE", "CONFIG_FILE", "DATA_DIR", "DCP_DIR", "HF_CONFIG_FILE", "INIT_FILE", "MANIFEST_FILE", "METRICS_FILE",
-           "MODEL_FILE", "MODEL_INDEX_FILE", "QUANT_FILE", "RANKS_DIR", "REPORT_DIR", "STATE_FILE", "SUMMARY_FILE", "SWEEP_FILE", "SWEEP_PLAN_FILE", "TOKENIZER_FILE",
-           "TRAIN_CONFIG_FILE", "atomic_copy",
-           "atomic_write", "atomic_write_json"]
+__all__ = [
+    "COMPARE_FILE",
+    "CONFIG_FILE",
+    "DATA_DIR",
+    "DCP_DIR",
+    "HF_CONFIG_FILE",
+    "INIT_FILE",
+    "MANIFEST_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "MODEL_INDEX_FILE",
+    "QUANT_FILE",
+    "RANKS_DIR",
+    "REPORT_DIR",
+    "STATE_FILE",
+    "SUMMARY_FILE",
+    "SWEEP_FILE",
+    "SWEEP_PLAN_FILE",
+    "TOKENIZER_FILE",
+    "TRAIN_CONFIG_FILE",
+    "DamagedFileError",
+    "atomic_copy",
+    "atomic_write",
+    "atomic_write_json",
+]
 
 CONFIG_FILE = "config.json"
 TRAIN_CONFIG_FILE = "train_config.json"

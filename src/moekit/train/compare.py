@@ -10,7 +10,7 @@ from moekit.data import DataInfo
 from moekit.rundir import SUMMARY_FILE, RunDir, atomic_write_json
 from moekit.train.loop import TrainResult, train
 
-__all__ = ["dense_baseline", "compare", "step_reaching", "format_summary"]
+__all__ = ["compare", "dense_baseline", "format_summary", "step_reaching"]
 
 
 def dense_baseline(cfg: ModelConfig) -> ModelConfig:
