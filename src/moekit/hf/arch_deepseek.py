@@ -152,28 +152,26 @@ def from_moekit(cfg: ModelConfig) -> dict[str, Any]:
     refuse("deepseek_v3", errors)
     hf = common_hf(cfg, "deepseek_v3", "DeepseekV3ForCausalLM")
     hf.update(
-        num_key_value_heads=cfg.n_heads,
-        head_dim=a.qk_rope_head_dim,
-        intermediate_size=cfg.dense_hidden,
-        moe_intermediate_size=m.d_hidden,
-        n_routed_experts=m.num_experts,
-        num_experts_per_tok=m.top_k,
-        n_shared_experts=m.shared_hidden_total // m.d_hidden,
-        routed_scaling_factor=m.routed_scaling_factor,
+        **deepseek_hf_fields(cfg),
         n_group=m.n_group,
         topk_group=m.topk_group,
         norm_topk_prob=m.norm_topk,
-        first_k_dense_replace=cfg.first_dense_layers,
-        kv_lora_rank=a.kv_lora_rank,
-        q_lora_rank=a.q_lora_rank,
-        qk_nope_head_dim=a.qk_nope_head_dim,
-        qk_rope_head_dim=a.qk_rope_head_dim,
-        v_head_dim=a.v_head_dim,
         rope_interleave=True,
         attention_bias=False,
         num_nextn_predict_layers=0,
     )
     return hf
+
+
+def deepseek_hf_fields(cfg) -> dict:
+    """The config.json fields DeepSeek-V2 and V3 share: MLA's dims, the MoE sizes, the dense prefix."""
+    m, a = cfg.moe, cfg.mla
+    return dict(num_key_value_heads=cfg.n_heads, head_dim=a.qk_rope_head_dim, intermediate_size=cfg.dense_hidden,
+                moe_intermediate_size=m.d_hidden, n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                n_shared_experts=m.shared_hidden_total // m.d_hidden, routed_scaling_factor=m.routed_scaling_factor,
+                first_k_dense_replace=cfg.first_dense_layers, kv_lora_rank=a.kv_lora_rank,
+                q_lora_rank=a.q_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
+                qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim)
 
 
 def _rope_rows(direction, which: str):

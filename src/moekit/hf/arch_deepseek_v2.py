@@ -17,7 +17,13 @@ from typing import Any
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.hf.adapter import Adapter
-from moekit.hf.arch_deepseek import MLA_RENAMES, MLA_TRANSFORMS, mla_config, mla_softmax_scale
+from moekit.hf.arch_deepseek import (
+    MLA_RENAMES,
+    MLA_TRANSFORMS,
+    deepseek_hf_fields,
+    mla_config,
+    mla_softmax_scale,
+)
 from moekit.hf.fields import Fields, common_hf, export_errors, moe_layers, refuse
 
 __all__ = ["ADAPTER"]
@@ -136,28 +142,15 @@ def _errors(cfg: ModelConfig) -> list[str]:
 def from_moekit(cfg: ModelConfig) -> dict[str, Any]:
     errors = _errors(cfg)
     refuse("deepseek_v2", errors)
-    m, a = cfg.moe, cfg.mla
+    m = cfg.moe
     hf = common_hf(cfg, "deepseek_v2", "DeepseekV2ForCausalLM")
     grouped = m.n_group > 1
     hf.update(
-        num_key_value_heads=cfg.n_heads,
-        head_dim=a.qk_rope_head_dim,
-        intermediate_size=cfg.dense_hidden,
-        moe_intermediate_size=m.d_hidden,
-        n_routed_experts=m.num_experts,
-        num_experts_per_tok=m.top_k,
-        n_shared_experts=m.shared_hidden_total // m.d_hidden,
-        routed_scaling_factor=m.routed_scaling_factor,
+        **deepseek_hf_fields(cfg),
         topk_method="group_limited_greedy" if grouped else "greedy",
         n_group=m.n_group if grouped else None,
         topk_group=m.topk_group if grouped else None,
         norm_topk_prob=False,
-        first_k_dense_replace=cfg.first_dense_layers,
-        kv_lora_rank=a.kv_lora_rank,
-        q_lora_rank=a.q_lora_rank,
-        qk_nope_head_dim=a.qk_nope_head_dim,
-        qk_rope_head_dim=a.qk_rope_head_dim,
-        v_head_dim=a.v_head_dim,
         attention_bias=False,
         mlp_bias=False,
     )
