@@ -108,7 +108,7 @@ def bench_generate(path: str, batch: int = 1, expert_memory: str | None = None, 
     # 4. an offloaded model's cache figures, then its trace saved and its store closed
     base = rss()
     cache0 = page_cache_bytes()
-    with PeakRSS() as peak, torch.no_grad():
+    with PeakRSS() as peak, torch.inference_mode():
         m = _load(path, expert_memory, policy, prefetch, read, dtype, oracle)
         tm = _measure(m, peak, batch, prompt_len, new_tokens, seed)
     res = _figures(m, tm, peak, base, cache0, batch, prompt_len, new_tokens)

@@ -37,7 +37,7 @@ from moekit.functional.dispatch import loop_experts_reference
 from moekit.infer.cache import CacheCore, Trace, make_policy
 from moekit.infer.store import ExpertStore
 from moekit.ops.expert_threads import for_each_expert, use_expert_threads
-from moekit.ops.grouped_ffn import _act, _plan, _sorted_forward
+from moekit.ops.grouped_ffn import FEW_ASSIGNMENTS, _act, _few_rows_forward, _plan, _sorted_forward
 
 __all__ = ["ExpertCache", "OffloadedExperts", "OffloadedModel", "load_offloaded", "parse_budget"]
 
@@ -128,17 +128,21 @@ class ExpertCache:
         return self.store.read(key[0], key[1], views, self._staging)
 
     def _new_slot(self) -> int:
-        self._slots.append(torch.empty(self.slot_bytes, dtype=torch.uint8))
+        # a normal tensor even when the first call runs in inference mode: the loader thread and later
+        # calls outside that mode write into it
+        with torch.inference_mode(False):
+            self._slots.append(torch.empty(self.slot_bytes, dtype=torch.uint8))
         self._views.append({})
         return len(self._slots) - 1
 
     def _place(self, slot: int, key: tuple[int, int]) -> dict[str, Tensor]:
         """Views of slot ``slot`` for expert ``key``, each at its resident tensor's address modulo the alignment."""
         buf, views = self._slots[slot], {}
-        for which, (o, n, shape, dt) in self._layout.items():
-            target, align = self._target(key, which, n)
-            pad = (target - (buf.data_ptr() + o)) % align
-            views[which] = buf[o + pad:o + pad + n].view(dt).view(shape)
+        with torch.inference_mode(False):  # normal views of the normal slot (see _new_slot)
+            for which, (o, n, shape, dt) in self._layout.items():
+                target, align = self._target(key, which, n)
+                pad = (target - (buf.data_ptr() + o)) % align
+                views[which] = buf[o + pad:o + pad + n].view(dt).view(shape)
         self._views[slot] = views
         return views
 
@@ -312,6 +316,9 @@ class OffloadedExperts(nn.Module):
                     keep = expert_A < self._E
                     return loop_experts_reference(x_TD, token_A[keep], expert_A[keep], weight_A[keep],
                                                   self.w_gate, self.w_up, self.w_down, self.activation)
+                if token_A.numel() <= FEW_ASSIGNMENTS:  # as the resident layer runs a decode step
+                    return _few_rows_forward(x_TD, token_A, expert_A, weight_A, self.w_gate, self.w_up,
+                                             self.w_down, self.activation)
                 out_TD, _, _ = _sorted_forward(x_TD, tok_S, w_S, self.w_gate, self.w_up, self.w_down, counts,
                                                self.activation, rows=token_A.numel())
                 return out_TD

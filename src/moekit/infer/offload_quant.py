@@ -83,7 +83,8 @@ class OffloadedQuantizedExperts(nn.Module):
             return None
         n = max(O * I for _, O, I in self.shapes.values())
         if self._buf is None or self._buf.dtype != x_TD.dtype:
-            self._buf = x_TD.new_empty(n)
+            with torch.inference_mode(False):  # kept across calls, in and out of inference mode
+                self._buf = x_TD.new_empty(n)
         return self._buf
 
     def _weights(self, e: int, dtype: torch.dtype):

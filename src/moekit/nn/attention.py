@@ -20,9 +20,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # aten's rms_norm is the same arithmetic as x * rsqrt(mean(x^2) + eps), in one call
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions_BS: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -34,25 +33,36 @@ def rope_cos_sin(positions_BS: Tensor, head_dim: int, theta: float, dtype: torch
 
 
 def apply_rope(x_BHSd: Tensor, cos_BSd: Tensor, sin_BSd: Tensor) -> Tensor:
-    cos, sin = cos_BSd.unsqueeze(1), sin_BSd.unsqueeze(1)
+    """Rotate x by the tables: (B, S, d), or (B, 1, S, d) already broadcast over the heads (the model
+    passes those, made once per forward instead of once per call)."""
+    cos, sin = (cos_BSd, sin_BSd) if cos_BSd.dim() == 4 else (cos_BSd.unsqueeze(1), sin_BSd.unsqueeze(1))
     x1, x2 = x_BHSd.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x_BHSd * cos + rotated * sin
 
 
 class KVCache:
-    """Per-layer key/value tensors (B, Hk, L, d) that grow by concatenation during decoding.
+    """Per-layer key/value tensors (B, Hk, L, d) that grow as decoding goes on.
+
+    ``k[i]`` / ``v[i]`` are always the layer's cached keys and values. A layer without a window writes new
+    keys in place into a buffer with room to spare (capacity doubling, at most ``max_len``) and
+    ``k[i]`` is a view of its first L positions, so a decode step copies one position instead of the
+    whole cache. The buffer is used only while ``k[i]`` is still the view this cache handed out: code
+    that puts other tensors in ``k`` / ``v`` (stacking caches, restoring saved ones) gets the
+    concatenating path, and a view handed out earlier is never written over.
 
     ``windows[i]`` (sliding-window layers): layer i keeps only its last ``window - 1`` keys, all the next
     query can see besides itself; ``trimmed[i]`` counts the keys it dropped.
     """
 
-    def __init__(self, n_layers: int, windows: list[int | None] | None = None):
+    def __init__(self, n_layers: int, windows: list[int | None] | None = None, max_len: int | None = None):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
         self.mask: Tensor | None = None  # (B, L) key padding mask of everything cached so far
         self.windows = list(windows) if windows is not None else [None] * n_layers
         self.trimmed = [0] * n_layers
+        self.max_len = max_len
+        self._buf: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = [None] * n_layers  # k, v, their views
 
     @property
     def length(self) -> int:
@@ -60,14 +70,37 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``k``, ``v`` to layer ``layer``'s cache; returns every key and value it attends to."""
+        if self.windows[layer] is None:
+            return self._append(layer, k, v)
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         w = self.windows[layer]
-        if w is not None and k.shape[2] > w - 1:
+        if k.shape[2] > w - 1:
             self.trimmed[layer] += k.shape[2] - (w - 1)
             self.k[layer], self.v[layer] = k[:, :, k.shape[2] - (w - 1) :], v[:, :, k.shape[2] - (w - 1) :]
+        return k, v
+
+    def _append(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        old_k, old_v, buf = self.k[layer], self.v[layer], self._buf[layer]
+        L = 0 if old_k is None else old_k.shape[2]
+        n = L + k_new.shape[2]
+        # k[layer] still the view handed out last time (an identity check: inference tensors keep no _base)
+        owned = buf is not None and old_k is buf[2] and old_v is buf[3]
+        fits = owned and buf[0].shape[2] >= n and buf[0].shape[:2] == k_new.shape[:2]
+        if not fits:
+            cap = max(n, 2 * L, 16)
+            cap = n if self.max_len is None or self.max_len < n else min(cap, self.max_len)
+            kb, vb = (t.new_empty(t.shape[0], t.shape[1], cap, t.shape[3]) for t in (k_new, v_new))
+            if old_k is not None:
+                kb[:, :, :L].copy_(old_k)
+                vb[:, :, :L].copy_(old_v)
+            buf = (kb, vb)
+        buf[0][:, :, L:n].copy_(k_new)
+        buf[1][:, :, L:n].copy_(v_new)
+        k, v = buf[0][:, :, :n], buf[1][:, :, :n]
+        self.k[layer], self.v[layer], self._buf[layer] = k, v, (buf[0], buf[1], k, v)
         return k, v
 
 
@@ -78,13 +111,15 @@ def build_attn_mask(key_mask_BL: Tensor | None, S: int, L: int, device, window: 
 
     Every query may always see itself, so a fully padded row never turns into NaN.
     """
+    if key_mask_BL is None and (S == L or S == 1) and (window is None or window >= L):
+        return None  # plain causal attention; one query at the end sees every key
     q_pos = torch.arange(L - S, L, device=device).unsqueeze(1)
     k_pos = torch.arange(L, device=device).unsqueeze(0)
     causal_SL = k_pos <= q_pos
     if window is not None:
         causal_SL = causal_SL & (q_pos - k_pos < window)
     if key_mask_BL is None:
-        return None if S == L and (window is None or window >= L) else causal_SL
+        return causal_SL
     allowed = causal_SL.unsqueeze(0) & key_mask_BL.bool().unsqueeze(1)
     allowed = allowed | (k_pos == q_pos).unsqueeze(0)
     return allowed.unsqueeze(1)

@@ -174,12 +174,12 @@ class MoELayer(nn.Module):
         return _Rows(x_TD.index_select(0, index_n), index_n.shape[0], index_n=index_n,
                      seq_ids_T=None if seq_ids_T is None else seq_ids_T[index_n])
 
-    def _capacity(self, a: R.Assignments, rows: _Rows, valid_A: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        """(keep mask or None, assignments dropped): each expert keeps at most C of its assignments."""
+    def _capacity(self, a: R.Assignments, rows: _Rows, valid_A: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """(keep mask or None, assignments dropped; None = no limit, nothing dropped): each expert keeps at
+        most C of its assignments."""
         cfg = self.cfg
-        dropped = torch.zeros((), dtype=torch.long, device=rows.x_nD.device)
         if cfg.capacity_factor is None or not cfg.is_token_choice or (rows.mask_T is None and rows.num_tokens == 0):
-            return valid_A, dropped
+            return valid_A, None
         cap = R.capacity(rows.num_tokens, cfg.num_experts, cfg.active_k, cfg.capacity_factor)
         X = cfg.num_extra_experts
         keep_A = R.apply_capacity(a, cfg.num_experts + X, rows.x_nD.shape[0], cap, cfg.drop_policy, valid_A)
@@ -221,8 +221,11 @@ class MoELayer(nn.Module):
             y_nD = y_nD + self.shared_experts(rows.x_nD)
         if self.output_bias is not None:
             y_nD = y_nD + self.output_bias
-        # a NaN/inf token must not vanish silently (e.g. dropped or untaken): propagate it
-        y_nD = y_nD + (routing.logits_TE.sum(dim=-1, keepdim=True) * 0).to(y_nD.dtype)
+        # a NaN/inf token must not vanish silently (dropped, untaken, or sent to an expert that computes
+        # nothing): propagate it. Where every token reaches k experts, their outputs carry it already.
+        if dropped is not None or routing.active_TK is not None or self.cfg.num_extra_experts \
+                or routing.indices_TK is None:
+            y_nD = y_nD + (routing.logits_TE.sum(dim=-1, keepdim=True) * 0).to(y_nD.dtype)
         # 5. padding outputs are exactly 0
         y = rows.scatter(y_nD, x.shape[:-1].numel()).reshape(x.shape)
         # 6. balancing terms and statistics, from what was routed
@@ -236,7 +239,8 @@ class MoELayer(nn.Module):
             with torch.set_grad_enabled(grad):  # whenever it is read: the forward's grad mode
                 # an int eagerly (stats are read outside the hot path); a tensor inside a compiled graph
                 n = rows.num_tokens
-                call = RoutedCall(routing, R.expert_counts(expert_A, E) if counts_E is None else counts_E, dropped,
+                drops = torch.zeros((), dtype=torch.long, device=x.device) if dropped is None else dropped
+                call = RoutedCall(routing, R.expert_counts(expert_A, E) if counts_E is None else counts_E, drops,
                                   num_assign, n if (compiling or not isinstance(n, Tensor)) else int(n),
                                   rows.seq_ids_T, x.shape[0] if rows.seq_ids_T is not None else 1, rows.mask_T,
                                   valid_A, k_target=self.cfg.top_k, expert_bias=bias_E,

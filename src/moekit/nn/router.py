@@ -88,7 +88,8 @@ class Router(nn.Module):
         if self.training and cfg.router_jitter > 0:
             eps = cfg.router_jitter
             x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - eps, 1.0 + eps, generator=generator)
-        logits_TE = x32_TD @ self.weight.to(rdtype).t()
+        w_ED = self.weight
+        logits_TE = F.linear(x32_TD, w_ED) if w_ED.dtype == rdtype else x32_TD @ w_ED.to(rdtype).t()
         if self.bias is not None:
             logits_TE = logits_TE + self.bias.to(rdtype)
         if cfg.router in _NEW_ROUTES:

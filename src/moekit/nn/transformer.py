@@ -122,7 +122,7 @@ class MoETransformer(nn.Module):
 
     def new_kv_cache(self) -> KVCache:
         """An empty KV cache for this model: sliding-window layers keep only their window's keys."""
-        return KVCache(self.config.n_layers, [b.window for b in self.layers])
+        return KVCache(self.config.n_layers, [b.window for b in self.layers], self.config.max_seq_len)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if b.is_moe]
@@ -218,7 +218,7 @@ class MoETransformer(nn.Module):
             positions = (key_mask.long().cumsum(1) - 1).clamp_min(0)[:, past:]
         else:
             positions = torch.arange(past, past + S, device=dev).unsqueeze(0).expand(B, S)
-        cos, sin = rope_tables(positions, self.config, x.dtype)
+        cos, sin = (t.unsqueeze(1) for t in rope_tables(positions, self.config, x.dtype))  # (B, 1, S, d)
         # one mask per distinct window (None = the whole context)
         masks = {
             w: build_attn_mask(key_mask, S, past + S, dev, w) if (key_mask is not None or past > 0 or w) else None

@@ -117,9 +117,10 @@ def for_each_expert(counts: list[int], fn: Callable[[int, slice], None], device:
             fn(e, sl)
         return
     chunks = balanced_chunks(runs, threads)
+    inference = torch.is_inference_mode_enabled()  # thread-local too: the outputs may be inference tensors
 
     def work(chunk: list[tuple[int, slice]]) -> None:
-        with torch.no_grad():  # grad mode is thread-local
+        with torch.inference_mode() if inference else torch.no_grad():  # grad mode is thread-local
             for e, sl in chunk:
                 fn(e, sl)
 

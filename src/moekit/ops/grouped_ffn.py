@@ -270,6 +270,47 @@ def _backward(ctx, gout_TD, _d_order, _d_g, _d_u):
 _grouped_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# up to this many assignments a call without autograd plans on the host (decode steps): the sort, the
+# counts and the autograd Function cost more than the few GEMMs they organise
+FEW_ASSIGNMENTS = 16
+
+
+def _few_rows_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
+                      w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
+    """The sorted forward's arithmetic, planned in Python: the same GEMM per expert over the same rows
+    in the same order, the same elementwise steps and the same accumulation order into each token, so
+    the bits equal :func:`_sorted_forward`'s; only the bookkeeping ops are gone."""
+    E = w_up.shape[0]
+    experts, tokens = expert_A.tolist(), token_A.tolist()
+    runs: dict[int, list[int]] = {}
+    for a, e in enumerate(experts):
+        if e < E:
+            runs.setdefault(e, []).append(a)
+    out_TD = torch.zeros_like(x_TD)
+    w_A1 = weight_A.unsqueeze(1) if weight_A.dtype == x_TD.dtype else weight_A.to(x_TD.dtype).unsqueeze(1)
+    for e in sorted(runs):
+        rows = runs[e]
+        if len(rows) == 1:
+            a, t = rows[0], tokens[rows[0]]
+            xs, w, tok = x_TD[t:t + 1], w_A1[a:a + 1], None
+        else:
+            tok = torch.tensor([tokens[a] for a in rows], device=x_TD.device)
+            xs, w = x_TD.index_select(0, tok), w_A1[torch.tensor(rows, device=x_TD.device)]
+        # F.linear(x, w) is mm(x, w.t()), as in the sorted forward
+        u = F.linear(xs, w_up[e])
+        h = F.silu(F.linear(xs, w_gate[e])).mul_(u) if w_gate is not None else _act(activation, u)
+        y = F.linear(h, w_down[e]).mul_(w)
+        if tok is None:
+            out_TD[t:t + 1].add_(y)
+        else:
+            out_TD.index_add_(0, tok, y)
+    return out_TD
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def grouped_ffn(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
                 w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
     """out_t = sum over assignments a with token t and expert_A[a] < E of weight_a * expert_{e(a)}(x_t).
@@ -282,4 +323,6 @@ def grouped_ffn(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tenso
     """
     if torch.compiler.is_compiling():
         return torch.ops.moekit.grouped_ffn(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)[0]
+    if token_A.numel() <= FEW_ASSIGNMENTS and not _wants_grad(x_TD, weight_A, w_gate, w_up, w_down):
+        return _few_rows_forward(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)
     return _GroupedFFN.apply(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)

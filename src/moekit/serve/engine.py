@@ -195,7 +195,10 @@ class Engine:
     # ---------------------------------------------------------------- the engine thread
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode is per thread; generate() decodes under no_grad too
+        with torch.inference_mode():  # per thread, as generate() decodes
+            self._run()
+
+    def _run(self) -> None:
         if self._tap is not None:
             self._tap.attach()
         while True:
