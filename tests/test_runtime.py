@@ -34,3 +34,13 @@ def test_import_changes_nothing_and_the_cli_applies_it():
     code = "import moekit.runtime as r; r.configure(); print(r.settings().keep_freed_memory)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sys.platform.startswith("linux"))
+
+
+def test_decode_threads_one_per_32_mib_of_weights_within_the_cores():
+    MiB = 1 << 20
+    assert rt.decode_threads(6 * MiB, cores=2) == 1  # the default LM: overhead-bound, one thread
+    assert rt.decode_threads(0, cores=8) == 1
+    assert rt.decode_threads(64 * MiB, cores=8) == 2
+    assert rt.decode_threads(95 * MiB, cores=8) == 2
+    assert rt.decode_threads(10 << 30, cores=2) == 2  # never more than the cores
+    assert 1 <= rt.decode_threads(10 << 30) <= (len(__import__("os").sched_getaffinity(0)))

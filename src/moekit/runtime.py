@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["RuntimeSettings", "configure", "keep_freed_memory", "settings"]
+__all__ = ["RuntimeSettings", "configure", "decode_threads", "keep_freed_memory", "settings"]
+
+# a decode step's GEMVs split over threads only pay when each thread streams at least this many bytes
+# of weights per token. Below it the step is per-op overhead, and every extra OpenMP thread adds a
+# barrier per op -- and spins on a core another process may want. Measured on the default LM (~6 MB of
+# weights per token, 2 cores): 1 thread 362-401 tokens/s idle and 379-417 beside one CPU-bound process;
+# 2 threads 364-433 idle but 87-90 beside it.
+MIN_DECODE_BYTES_PER_THREAD = 32 << 20
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -73,6 +81,16 @@ def configure(threads: int | None = None, *, reuse_memory: bool = True) -> Runti
     if reuse_memory:
         keep_freed_memory()
     return settings()
+
+
+def decode_threads(weight_bytes_per_token: int, cores: int | None = None) -> int:
+    """Intra-op threads for decoding a model that reads ``weight_bytes_per_token`` bytes of weights per
+    token: one per :data:`MIN_DECODE_BYTES_PER_THREAD`, at least 1 and at most the cores this process
+    may run on. Small models get one thread, which is as fast idle and does not fall off a cliff when
+    another process competes for the cores."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, weight_bytes_per_token // MIN_DECODE_BYTES_PER_THREAD))
 
 
 def settings() -> RuntimeSettings:

@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, metavar="N",
                    help="run every level this many times, interleaved; a level's figures pool its rounds "
                         "(default 1)")
-    p.add_argument("--threads", type=int, default=2, metavar="N",
-                   help="intra-op CPU threads of the servers started and of the baseline (default 2)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op CPU threads of the servers started and of the baseline (default none: "
+                        "what `moekit serve` chooses for the model, reported)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="requests decoded together by a started server (default 8)")
     p.add_argument("--deterministic", action="store_true",
@@ -59,14 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the in-process generate() baseline (default off)")
     p.add_argument("--json", metavar="PATH", help="write every figure here as JSON (default none)")
 
-def _load_model(path: str, threads: int):
+def _load_model(path: str, threads: int | None):
     import torch
 
-    from moekit.infer.load import load_for_inference
+    from moekit.infer.load import choose_decode_threads, load_for_inference
 
-    torch.set_num_threads(threads)
     model, tok = load_for_inference(path)
-    return model, tok, {"params": model.num_params(), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))
+    return model, tok, {"params": model.num_params(), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                        "threads": torch.get_num_threads()}
 
 
 def _generate_per_token(model, prompts: list[list[int]], output_len: int) -> float:
@@ -100,7 +102,8 @@ def _token_prompts(tok, texts: list[str], n_tokens: int) -> list[list[int]]:
 
 
 def _serve_args(args) -> list[str]:
-    out = ["--threads", str(args.threads), "--max-batch", str(args.max_batch)]
+    threads = ["--threads", str(args.threads)] if args.threads is not None else []  # else the server's choice
+    out = threads + ["--max-batch", str(args.max_batch)]
     return out + (["--deterministic"] if args.deterministic else []) + list(args.serve_arg)
 
 
@@ -193,6 +196,7 @@ def run(args) -> int:
     for path in targets:
         print(f"{path}: in-process baseline and parameters ...", file=sys.stderr, flush=True)
         model, tok, info = _load_model(path, args.threads)
+        print(f"{path}: {info['threads']} intra-op thread(s)", file=sys.stderr, flush=True)
         prompts = _token_prompts(tok, texts, args.prompt_len)
         srv = ServerProcess(path, _serve_args(args))
         try:

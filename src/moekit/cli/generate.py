@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
                    help="stop at the end-of-document token (default on)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="intra-op CPU threads (default none: torch's choice)")
+                   help="intra-op CPU threads (default none: one per 32 MiB of weights a token reads, "
+                        "at most the cores; 1 for small models)")
     from moekit.cli.offload import add_offload_args
 
     add_offload_args(p)  # --expert-memory, --expert-cache, --prefetch, --read, --trace
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             model, tok, offloaded = load_offloaded_from_args(args)
         else:
             (model, tok), offloaded = _load(args.run_dir), None
+        if args.threads is None:  # one thread per 32 MiB of weights a token reads (moekit.runtime)
+            from moekit.infer.load import choose_decode_threads
+
+            torch.set_num_threads(choose_decode_threads(model))
         start, end = _special_ids(model, tok, args.run_dir)
         prompt_ids = encode(tok, args.prompt) or ([start] if start is not None else [])
         if not prompt_ids:  # an empty prompt starts a new document, which needs a start token
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(args.prompt + decode(tok, new_ids))
     how = "greedy" if args.temperature == 0 else f"seed {seed}"
     print(f"[generate] {how} | {len(new_ids)} new tokens in {dt:.2f}s "
-          f"({len(new_ids) / max(dt, 1e-9):,.0f} tokens/s)", file=sys.stderr)
+          f"({len(new_ids) / max(dt, 1e-9):,.0f} tokens/s, {torch.get_num_threads()} thread(s))", file=sys.stderr)
     if offloaded is not None:
         from moekit.cli.offload import report_offload
 

@@ -336,6 +336,8 @@ async def _serve(request: Request, engine: Engine, state: ServeState, req, ids: 
 
 async def _next_event(request: Request, queue: asyncio.Queue, poll: float = 0.5) -> Event | None:
     """The next engine event, or None once the client has disconnected (checked every ``poll`` s)."""
+    if not queue.empty():  # the common case while streaming: no timer, no task (wait_for makes both)
+        return queue.get_nowait()
     while True:
         try:
             return await asyncio.wait_for(queue.get(), poll)

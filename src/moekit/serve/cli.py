@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default none: RUN_DIR's name)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="intra-op CPU threads (default none: torch's choice)")
+                   help="intra-op CPU threads (default none: one per 32 MiB of weights a token reads, at "
+                        "most the cores; 1 for small models, which keeps decode fast beside other processes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], metavar="NAME",
                    help="cast the weights; one of: float32, bfloat16, float16 (default none: as loaded)")
     p.add_argument("--stats-interval", type=int, default=1, metavar="N",
@@ -57,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_engine(model_dir: str, metrics, *, dtype: str | None = None, **engine_kw):
-    """Load DIR (``moekit.infer.load.load_for_inference``) and start an engine over it -> ``Loaded``."""
+def load_engine(model_dir: str, metrics, *, dtype: str | None = None, threads: int | None = None, **engine_kw):
+    """Load DIR (``moekit.infer.load.load_for_inference``) and start an engine over it -> ``Loaded``.
+    ``threads`` None: ``moekit.infer.load.choose_decode_threads`` for the loaded model."""
     import torch
 
-    from moekit.infer.load import load_for_inference
+    from moekit.infer.load import choose_decode_threads, load_for_inference
     from moekit.parallel.run_export import export_if_distributed
 
     note = export_if_distributed(model_dir)  # a run trained on several processes: its DCP checkpoint
@@ -70,6 +72,8 @@ def load_engine(model_dir: str, metrics, *, dtype: str | None = None, **engine_k
     model, tok = load_for_inference(model_dir)
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
+    torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))  # before the engine thread
+    print(f"moekit serve: {torch.get_num_threads()} intra-op thread(s)", file=sys.stderr, flush=True)
     return start_engine(model, tok, model_dir, metrics, **engine_kw)
 
 
@@ -112,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     from moekit.serve.app import ServeState, build_app
     from moekit.serve.metrics import ServeMetrics
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     metrics = _Metrics() if args.no_metrics else ServeMetrics()
     state = ServeState(args.served_model_name or Path(args.model_dir).resolve().name, metrics, args.api_key,
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return load_engine(args.model_dir, None if args.no_metrics else metrics, max_batch=args.max_batch,
                            deterministic=args.deterministic, dtype=args.dtype,
                            stats_interval=args.stats_interval, expert_window=args.expert_window,
-                           prefill_chunk=args.prefill_chunk)
+                           prefill_chunk=args.prefill_chunk, threads=args.threads)
 
     server = None
 
