@@ -35,3 +35,21 @@ def test_bench_generate_offloaded_writes_every_pinned_field(checkpoints, tmp_pat
         assert 0 <= r["expert_hit_rate"] <= r["optimal_hit_rate"] <= 1
         assert r["bandwidth_gbps_measured"] > 0 and r["peak_rss_anon_bytes"] > 0
     assert RunDir(run).is_run()
+
+
+def test_bench_generate_runs_a_dense_model(checkpoints, tmp_path):
+    """The MoE's dense twin has no routed experts: every weight is read per token, nothing is cached."""
+    from moekit.nn.transformer import MoETransformer
+
+    moe_run = RunDir(checkpoints["moekit"])
+    dense = MoETransformer(moe_run.load_model().config.replace(dense=True)).eval()
+    run = RunDir(tmp_path / "dense")
+    run.path.mkdir()
+    run.save_model(dense)
+    out = tmp_path / "d.json"
+    assert main(["generate", str(run.path), "--batch", "1", "--prompt-len", "6", "--new-tokens", "4",
+                 "--threads", "1", "--json", str(out)]) == 0
+    (r,) = _rows(json.loads(out.read_text()))
+    weights = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    assert r["expert_bytes"] == 0 and r["non_expert_bytes"] == weights
+    assert r["tokens_per_s"] > 0

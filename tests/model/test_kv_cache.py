@@ -165,3 +165,31 @@ def test_generate_rejects_bad_arguments(tiny_model, tokens):
     with pytest.raises(ValueError, match="top_k=0"):
         generate(model, prompt, 3, top_k=0)
     assert torch.equal(generate(model, prompt, 0), prompt)
+
+
+def test_cache_appends_in_place_and_never_writes_over_a_view_it_handed_out():
+    """Decoding appends into spare room (the buffer is reallocated only when full: doubling), with or
+    without max_len; keys handed out earlier, or put back by a caller (a rollback), stay as they were."""
+    for max_len in (None, 64):
+        cache = KVCache(1, max_len=max_len)
+        k0 = torch.randn(1, 2, 5, 4)
+        cache.update(0, k0, k0 + 1)
+        buffers = set()
+        seen = []
+        for step in range(20):
+            k = torch.full((1, 2, 1, 4), float(step))
+            keys, values = cache.update(0, k, k + 1)
+            buffers.add(keys.untyped_storage().data_ptr())
+            seen.append(keys)
+            assert torch.equal(keys[:, :, :5], k0) and torch.equal(keys[:, :, -1:], k)
+            assert torch.equal(values, keys + 1)
+        assert len(buffers) <= 3  # 5 -> 16 -> 32 slots, not one buffer per token
+        assert cache.length == 25
+        early = seen[3].clone()
+        saved = cache.k[0], cache.v[0]
+        cache.update(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+        assert torch.equal(seen[3], early)
+        cache.k[0], cache.v[0] = saved  # a failed step rolled back by its caller
+        keys, _ = cache.update(0, torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+        assert cache.length == 26 and torch.equal(keys[:, :, -1:], torch.ones(1, 2, 1, 4))
+        assert torch.equal(keys[:, :, :25], saved[0])

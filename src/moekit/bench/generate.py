@@ -150,7 +150,10 @@ def _load_resident(path: str, dtype: str | None) -> tuple[Any, int, int]:
     model, _ = load_any(path, dtype)
     non_expert = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
                      if ".ffn.experts." not in k)
-    m0 = model.moe_layers()[0].experts
+    moe = model.moe_layers()
+    if not moe:  # a dense model (the MoE's twin): nothing routed, every weight read each token
+        return model, non_expert, 0
+    m0 = moe[0].experts
     # every tensor of the experts module is (E, ...): float weights, or a quantized run's q / scale / base
     expert_bytes = sum(t.numel() * t.element_size() for t in (*m0.parameters(), *m0.buffers())) // m0.num_experts
     return model, non_expert, expert_bytes

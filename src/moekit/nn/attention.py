@@ -92,8 +92,9 @@ class KVCache:
         owned = buf is not None and old_k is buf[2] and old_v is buf[3]
         fits = owned and buf[0].shape[2] >= n and buf[0].shape[:2] == k_new.shape[:2]
         if not fits:
-            cap = max(n, 2 * L, 16)
-            cap = n if self.max_len is None or self.max_len < n else min(cap, self.max_len)
+            cap = max(n, 2 * L, 16)  # doubling: a token's append is amortised O(1)
+            if self.max_len is not None:
+                cap = max(n, min(cap, self.max_len))
             kb, vb = (t.new_empty(t.shape[0], t.shape[1], cap, t.shape[3]) for t in (k_new, v_new))
             if old_k is not None:
                 kb[:, :, :L].copy_(old_k)
