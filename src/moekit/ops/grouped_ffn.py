@@ -277,9 +277,10 @@ FEW_ASSIGNMENTS = 16
 
 def _few_rows_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
                       w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
-    """The sorted forward's arithmetic, planned in Python: the same GEMM per expert over the same rows
-    in the same order, the same elementwise steps and the same accumulation order into each token, so
-    the bits equal :func:`_sorted_forward`'s; only the bookkeeping ops are gone."""
+    """The sorted forward's arithmetic, planned in Python: one GEMM per expert over its rows, the same
+    elementwise steps, each token's sum in expert order; only the bookkeeping ops are gone. With one token
+    (batch-1 decode) the bits equal :func:`_sorted_forward`'s; with several they agree to rounding (the
+    elementwise kernels see per-expert blocks instead of one buffer). Offloaded experts run this same path."""
     E = w_up.shape[0]
     experts, tokens = expert_A.tolist(), token_A.tolist()
     runs: dict[int, list[int]] = {}
