@@ -146,10 +146,10 @@ def _expert_format(model: Any) -> str:
 def _load_resident(path: str, dtype: str | None) -> tuple[Any, int, int]:
     """The model, the bytes of its non-expert weights, and the bytes of one expert."""
     from moekit.hf import load_any
+    from moekit.infer.load import non_expert_bytes
 
     model, _ = load_any(path, dtype)
-    non_expert = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
-                     if ".ffn.experts." not in k)
+    non_expert = non_expert_bytes(model)
     moe = model.moe_layers()
     if not moe:  # a dense model (the MoE's twin): nothing routed, every weight read each token
         return model, non_expert, 0

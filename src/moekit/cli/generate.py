@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from moekit.infer.generate import generate
     from moekit.rundir import CheckpointError
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
         readable_run(args.run_dir, "moekit generate")
         if args.expert_memory is not None:  # routed experts stay on disk (moekit.infer.offload)
@@ -76,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             model, tok, offloaded = load_offloaded_from_args(args)
         else:
             (model, tok), offloaded = _load(args.run_dir), None
-        if args.threads is None:  # one thread per 32 MiB of weights a token reads (moekit.runtime)
-            from moekit.infer.load import choose_decode_threads
+        from moekit.infer.load import choose_decode_threads  # one thread per 32 MiB a token reads
 
-            torch.set_num_threads(choose_decode_threads(model))
+        torch.set_num_threads(args.threads if args.threads is not None else choose_decode_threads(model))
         start, end = _special_ids(model, tok, args.run_dir)
         prompt_ids = encode(tok, args.prompt) or ([start] if start is not None else [])
         if not prompt_ids:  # an empty prompt starts a new document, which needs a start token

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["choose_decode_threads", "load_for_inference", "special_ids", "weight_bytes_per_token"]
+__all__ = ["choose_decode_threads", "load_for_inference", "non_expert_bytes", "special_ids",
+           "weight_bytes_per_token"]
 
 
 def load_for_inference(path: str | Path) -> tuple[Any, Any]:
@@ -57,19 +58,20 @@ def special_ids(model: Any, tok: Any, path: str | Path | None = None) -> tuple[i
 def weight_bytes_per_token(model: Any) -> int:
     """Bytes of weights one decode step of one token reads: every parameter outside the routed experts
     plus, in each MoE layer, its top-k experts (from the config, so an offloaded model is not touched)."""
-    routed, total = 0, 0
+    routed = 0
     item = model.embed.weight.element_size()  # routed experts are stored in the model's dtype
-    for name, t in model.state_dict().items():
-        if ".ffn.experts." in name:
-            continue
-        total += t.numel() * t.element_size()
     for block in model.layers:
         if not block.is_moe:
             continue
         cfg = block.ffn.cfg
         mats = 3 if cfg.activation == "swiglu" else 2
         routed += cfg.active_k * mats * cfg.d_model * cfg.d_hidden * item
-    return total + routed
+    return non_expert_bytes(model) + routed
+
+
+def non_expert_bytes(model: Any) -> int:
+    """Bytes of every weight and buffer outside the routed experts (what stays resident when they are offloaded)."""
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if ".ffn.experts." not in k)
 
 
 def choose_decode_threads(model: Any) -> int:
