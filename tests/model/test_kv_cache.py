@@ -193,3 +193,37 @@ def test_cache_appends_in_place_and_never_writes_over_a_view_it_handed_out():
         keys, _ = cache.update(0, torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
         assert cache.length == 26 and torch.equal(keys[:, :, -1:], torch.ones(1, 2, 1, 4))
         assert torch.equal(keys[:, :, :25], saved[0])
+
+
+def test_logits_to_keep_projects_only_the_last_positions(tiny_model, tokens):
+    model = tiny_model("topk").eval()
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full = model(ids).logits
+        last2 = model(ids, logits_to_keep=2).logits
+    assert last2.shape == (2, 2, full.shape[-1])
+    torch.testing.assert_close(last2, full[:, -2:], **TOL)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+
+
+def test_a_padded_chunk_after_an_unpadded_cache(tiny_model, tokens):
+    """A cache filled without a mask, then a chunk with padding in it (a decode row padded to the width of
+    another row's prompt chunk): the cached keys count as real, the padded ones are skipped, so the last
+    position equals a plain decode of the same real tokens."""
+    model = tiny_model("topk").eval()
+    seq = tokens(1, 9)
+    prompt, nxt = seq[:, :8], seq[:, 8:9]
+    with torch.no_grad():
+        plain = model.new_kv_cache()
+        model(prompt, kv_cache=plain)
+        want = model(nxt, kv_cache=plain).logits[:, -1]
+        padded = model.new_kv_cache()
+        model(prompt, kv_cache=padded)
+        chunk = torch.cat([torch.zeros(1, 3, dtype=torch.long), nxt], dim=1)
+        mask = torch.tensor([[0, 0, 0, 1]])
+        got = model(chunk, attention_mask=mask, kv_cache=padded).logits[:, -1]
+    assert padded.mask is not None and padded.mask.shape == (1, 12) and int(padded.mask.sum()) == 9
+    torch.testing.assert_close(got, want, **TOL)

@@ -177,7 +177,6 @@ def _load_offloaded(path: str, expert_memory: str, policy: str, prefetch: bool, 
 def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int, seed: int) -> _Timings:
     """Greedy decoding of random prompts with the KV cache, each step timed (after the disk's bandwidth)."""
     from moekit.infer.memory import sequential_read_gbps
-    from moekit.nn.attention import KVCache
 
     model, om = m.model, m.om
     V, gen = model.config.vocab_size, torch.Generator().manual_seed(seed)
@@ -189,9 +188,9 @@ def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int
     disk_bw = sequential_read_gbps(om.cache.store.files()) if om is not None else None
     read0 = om.cache.store.bytes_read if om is not None else 0
     # 1. prefill -> first token
-    kv = KVCache(model.config.n_layers)
+    kv = model.new_kv_cache()  # as generate() decodes: capacity-doubling buffers, windows trimmed
     t0 = time.perf_counter()
-    logits = model(ids, kv_cache=kv).logits[:, -1]
+    logits = model(ids, kv_cache=kv, logits_to_keep=1).logits[:, -1]
     nxt = logits.argmax(-1)
     ttft = time.perf_counter() - t0
     read_prefill = (om.cache.store.bytes_read if om is not None else 0) - read0

@@ -125,7 +125,7 @@ def _decode(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, tempe
     cache = model.new_kv_cache() if use_cache else None  # sliding-window layers keep their window
     done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     # 1. prefill (and, without a cache, every step): the whole sequence
-    logits_BV = model(ids_BL, attention_mask=mask_BL, kv_cache=cache).logits[:, -1]
+    logits_BV = model(ids_BL, attention_mask=mask_BL, kv_cache=cache, logits_to_keep=1).logits[:, -1]
     for _ in range(max_new_tokens):
         next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
         if eos_id is not None:
@@ -140,7 +140,7 @@ def _decode(model: MoETransformer, input_ids: Tensor, max_new_tokens: int, tempe
         if cache is not None:
             logits_BV = model(next_B.unsqueeze(1), kv_cache=cache).logits[:, -1]
         else:
-            logits_BV = model(ids_BL, attention_mask=mask_BL).logits[:, -1]
+            logits_BV = model(ids_BL, attention_mask=mask_BL, logits_to_keep=1).logits[:, -1]
     return ids_BL
 
 

@@ -190,12 +190,17 @@ class MoETransformer(nn.Module):
                 m.router.hash_table.copy_(balanced_hash_table(token_counts_V, m.cfg.num_experts))
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
-                kv_cache: KVCache | None = None) -> ModelOutput:
+                kv_cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids: (B, S) int64. labels: (B, S) targets aligned with the positions (the *next* token of
         each position; -100 = ignore). attention_mask: (B, S), 0 = padding (not attended, not routed,
-        not in any loss). kv_cache: pass a ``KVCache`` to decode incrementally."""
+        not in any loss). kv_cache: pass a ``KVCache`` to decode incrementally. logits_to_keep: n > 0
+        projects only the last n positions onto the vocabulary (logits (B, n, V)): a prefill that samples
+        from its last position skips (S - 1) x V of the head's work; 0 = every position."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0, and 0 with labels (the loss "
+                             "needs every position's logits)")
         B, S = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + S > self.config.max_seq_len:
@@ -208,6 +213,8 @@ class MoETransformer(nn.Module):
         if attention_mask is not None:
             key_mask = attention_mask.bool()
             if kv_cache is not None:
+                if kv_cache.mask is None and past > 0:  # everything cached so far was real
+                    kv_cache.mask = torch.ones(B, past, dtype=torch.bool, device=dev)
                 key_mask = key_mask if kv_cache.mask is None else torch.cat([kv_cache.mask, key_mask], dim=1)
                 kv_cache.mask = key_mask
         elif kv_cache is not None and kv_cache.mask is not None:
@@ -230,6 +237,8 @@ class MoETransformer(nn.Module):
             x, moe_out = block(x, cos, sin, masks[block.window], token_mask, kv_cache, input_ids)
             if moe_out is not None:
                 moe_outputs[block.idx] = moe_out
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         logits = x @ self.embed.weight.t() if self.lm_head is None else self.lm_head(x)
         if self.config.logits_divisor != 1.0:

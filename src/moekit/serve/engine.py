@@ -236,7 +236,7 @@ class Engine:
         return seq.done
 
     def _forward(self, ids_BS: Tensor, cache: KVCache) -> Tensor:
-        out = self.model(ids_BS, kv_cache=cache)
+        out = self.model(ids_BS, kv_cache=cache, logits_to_keep=1)
         self._forwards += 1
         if self._tap is not None:
             counts_LE = self._tap.take()  # not out.stats: that computes every balancing term (router_tap)
