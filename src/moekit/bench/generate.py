@@ -23,23 +23,15 @@ from typing import Any
 
 import torch
 
+from moekit.infer.offload_flags import add_offload_args
+
 __all__ = ["add_parser", "bench_generate", "run"]
 
 
 def add_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="decode speed, latency, memory and expert-cache hit rates of a model")
     g.add_argument("run_dir", metavar="RUN_DIR", help="a moekit run directory or an HF model directory")
-    g.add_argument("--expert-memory", default=None, metavar="SIZE",
-                   help="offload the routed experts with a cache of SIZE shared by all layers (2GiB, 500MB; "
-                        "0 = no cache; all = cache every expert on first use) (default none: all resident)")
-    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"], metavar="NAME",
-                   help="with --expert-memory: cache policy; one of: lru, lfu (default lru)")
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --expert-memory: load the next layer's predicted experts in the background "
-                        "(default on)")
-    g.add_argument("--read", default="pread", choices=["pread", "mmap"], metavar="NAME",
-                   help="with --expert-memory: how experts are read; one of: pread (page cache dropped after "
-                        "each read), mmap (default pread)")
+    add_offload_args(g, none_means="all resident")
     g.add_argument("--batch", default="1", metavar="LIST",
                    help="batch sizes, comma-separated, each measured in turn (default 1)")
     g.add_argument("--prompt-len", type=int, default=32, metavar="N",

@@ -5,7 +5,9 @@ request runs to exactly ``output_len`` tokens with ``ignore_eos``) is sent at ea
 streamed completions. Per level: request throughput, output tokens/s, mean/median/p90/p99 of time to
 first token (TTFT), time per output token (TPOT = (e2e - TTFT) / (tokens - 1)), inter-token latency
 (ITL, between streamed chunks) and end-to-end latency; the server's peak RssAnon / RssFile (sampled
-from /proc/PID/status); and, greedy, the fraction of token positions equal to concurrency 1's.
+from /proc/PID/status); and, greedy, the fraction of token positions equal to concurrency 1's. A server
+that offloads its routed experts (``--expert-memory``) also reports, per level, the expert cache's hit
+rate and the disk bytes read per generated token (from ``GET /v1/experts/stats`` before and after).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RequestResult", "ServerProcess", "make_workload", "run_level", "summarize"]
+__all__ = ["RequestResult", "ServerProcess", "cache_figures", "cache_totals", "make_workload", "run_level",
+           "summarize"]
 
 
 def make_workload(n: int, prompt_chars: int, seed: int) -> list[str]:
@@ -127,6 +130,25 @@ def agreement(a: list[RequestResult], b: list[RequestResult]) -> float | None:
         total += n
         same += sum(i == j for i, j in zip(x.token_ids, y.token_ids))
     return same / total if total else None
+
+
+def cache_totals(url: str, api_key: str | None = None) -> dict | None:
+    """The expert cache's running totals (accesses, hits, bytes_read, ...) of a server that offloads its
+    routed experts, from ``GET /v1/experts/stats``; None when it does not offload."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    body = httpx.get(f"{url}/v1/experts/stats", timeout=10, headers=headers).json()
+    return body.get("cache")
+
+
+def cache_figures(before: dict, after: dict, output_tokens: int) -> dict:
+    """Hit rate and disk bytes per generated token between two :func:`cache_totals` readings."""
+    acc, hits = after["accesses"] - before["accesses"], after["hits"] - before["hits"]
+    read = after["bytes_read"] - before["bytes_read"]
+    return {"expert_hit_rate": hits / acc if acc else None, "expert_accesses": acc,
+            "expert_bytes_read": read, "expert_bytes_read_per_token": read / output_tokens if output_tokens else None,
+            "expert_stall_s": after["stall_s"] - before["stall_s"]}
 
 
 class ServerProcess:

@@ -11,11 +11,14 @@ from pathlib import Path
 from moekit.bench.serve import (
     ServerProcess,
     agreement,
+    cache_figures,
+    cache_totals,
     make_workload,
     metrics_work_per_step,
     run_level,
     summarize,
 )
+from moekit.infer.offload_flags import add_offload_args
 
 __all__ = ["add_arguments", "run"]
 
@@ -59,16 +62,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the in-process generate() baseline (default off)")
     p.add_argument("--json", metavar="PATH", help="write every figure here as JSON (default none)")
+    add_offload_args(p, none_means="the servers started load every expert")
 
-def _load_model(path: str, threads: int | None):
+
+def _offload_args(args) -> list[str]:
+    """The offloading flags, passed on to the servers started."""
+    if args.expert_memory is None:
+        return []
+    return ["--expert-memory", str(args.expert_memory), "--expert-cache", args.expert_cache,
+            "--prefetch" if args.prefetch else "--no-prefetch", "--read", args.read]
+
+def _load_model(path: str, args):
+    """The model as the server holds it (offloaded with the same cache when --expert-memory is given), its
+    tokenizer, its figures, and what to close when done (None, or the OffloadedModel)."""
     import torch
 
     from moekit.infer.load import choose_decode_threads, load_for_inference
 
-    model, tok = load_for_inference(path)
-    torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))
-    return model, tok, {"params": model.num_params(), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                        "threads": torch.get_num_threads()}
+    om = None
+    if args.expert_memory is not None:
+        from moekit.infer.offload import load_offloaded
+        from moekit.infer.offload_flags import offload_kwargs
+
+        om = load_offloaded(path, **offload_kwargs(args))
+        om.cache.trace.record = False
+        model, tok = om.model, om.tokenizer
+    else:
+        model, tok = load_for_inference(path)
+    torch.set_num_threads(args.threads if args.threads is not None else choose_decode_threads(model))
+    dtype = next(model.parameters()).dtype
+    return model, tok, {"params": _count_params(model), "dtype": str(dtype).replace("torch.", ""),
+                        "threads": torch.get_num_threads()}, om
+
+
+def _count_params(model) -> dict[str, int]:
+    """Total and active parameters; of an offloaded model (whose experts are not parameters), counted on
+    a weightless copy of its architecture."""
+    import torch
+
+    from moekit.nn.transformer import MoETransformer
+
+    if all(hasattr(m.experts, "w_up") and isinstance(m.experts.w_up, torch.Tensor) for m in model.moe_layers()):
+        return model.num_params()
+    with torch.device("meta"):
+        return MoETransformer(model.config).num_params()
 
 
 def _generate_per_token(model, prompts: list[list[int]], output_len: int) -> float:
@@ -104,7 +141,7 @@ def _token_prompts(tok, texts: list[str], n_tokens: int) -> list[list[int]]:
 def _serve_args(args) -> list[str]:
     threads = ["--threads", str(args.threads)] if args.threads is not None else []  # else the server's choice
     out = threads + ["--max-batch", str(args.max_batch)]
-    return out + (["--deterministic"] if args.deterministic else []) + list(args.serve_arg)
+    return out + (["--deterministic"] if args.deterministic else []) + _offload_args(args) + list(args.serve_arg)
 
 
 def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dict, list[float]]:
@@ -112,6 +149,7 @@ def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dic
     level's figures pool its rounds. With ``model``, generate()'s time per token is measured each round."""
     run_level(url, prompts[:2], min(8, args.output_len), 1, api_key=args.api_key)  # warm up
     pooled = {c: ([], 0.0) for c in levels}
+    cache: dict[int, list[tuple[dict, dict]]] = {c: [] for c in levels}  # (before, after) per round
     baseline = []
     for r in range(args.rounds):
         if model is not None:
@@ -119,12 +157,20 @@ def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dic
         for c in levels:
             print(f"  round {r + 1}/{args.rounds}, concurrency {c}: {len(prompts)} requests x {args.output_len} "
                   "tokens ...", file=sys.stderr, flush=True)
+            before = cache_totals(url, args.api_key)
             res, wall = run_level(url, prompts, args.output_len, c, api_key=args.api_key)
+            if before is not None:
+                cache[c].append((before, cache_totals(url, args.api_key)))
             pooled[c] = (pooled[c][0] + res, pooled[c][1] + wall)
     out, first = {}, pooled[levels[0]][0]
     for c in levels:
         s = summarize(*pooled[c])
         s["greedy_agreement_with_first_level"] = agreement(first, pooled[c][0])
+        if cache[c]:  # the rounds' deltas summed
+            keys = ("accesses", "hits", "bytes_read", "stall_s")
+            b = {k: 0 for k in keys}
+            a = {k: sum(x[k] - y[k] for y, x in cache[c]) for k in keys}
+            s |= cache_figures(b, a, s["output_tokens"])
         out[c] = s
     return out, baseline
 
@@ -165,7 +211,9 @@ def table(name: str, levels: dict, info: dict, peak: dict | None) -> str:
             f"{'/'.join(_ms(d['tpot_s'][k]) for k in ('median', 'p99')):>15s} | "
             f"{'/'.join(_ms(d['itl_s'][k]) for k in ('mean', 'median', 'p90', 'p99')):>24s} | "
             f"{'/'.join(_ms(d['e2e_s'][k]) for k in ('median', 'p99')):>15s} | "
-            f"{'-' if ag is None else f'{ag:.4f}'}" + (f"  FAILED {s['failed']}: {s['errors']}" if s["failed"] else ""))
+            f"{'-' if ag is None else f'{ag:.4f}'}" + (f"  FAILED {s['failed']}: {s['errors']}" if s["failed"] else "")
+            + (f"  experts: hit rate {s['expert_hit_rate']:.3f}, {s['expert_bytes_read_per_token'] / 2**20:.2f} MiB "
+               "read/token" if s.get("expert_hit_rate") is not None else ""))
     if info.get("params"):
         p = info["params"]
         lines.append(f"params: total {p['total_params']:,} / active {p['active_params']:,} per token, {info.get('dtype')}")
@@ -195,7 +243,7 @@ def run(args) -> int:
         print(table(args.url, res, {}, None))
     for path in targets:
         print(f"{path}: in-process baseline and parameters ...", file=sys.stderr, flush=True)
-        model, tok, info = _load_model(path, args.threads)
+        model, tok, info, om = _load_model(path, args)
         print(f"{path}: {info['threads']} intra-op thread(s)", file=sys.stderr, flush=True)
         prompts = _token_prompts(tok, texts, args.prompt_len)
         srv = ServerProcess(path, _serve_args(args))
@@ -204,6 +252,8 @@ def run(args) -> int:
             res, baseline = _levels(srv.url, prompts, args, levels, None if args.no_baseline else model)
         finally:
             rc = srv.stop()
+            if om is not None:
+                om.close()
         if baseline:
             info["generate_s_per_token_median"] = sorted(baseline)[len(baseline) // 2]
             info["generate_s_per_token_rounds"] = baseline

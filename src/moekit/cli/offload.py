@@ -5,32 +5,23 @@ import argparse
 import sys
 from typing import Any
 
+from moekit.infer.offload_flags import add_offload_args as shared_offload_args
+from moekit.infer.offload_flags import offload_kwargs
+
 __all__ = ["add_offload_args", "load_offloaded_from_args", "report_offload"]
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("experts beyond RAM")
-    g.add_argument("--expert-memory", default=None, metavar="SIZE",
-                   help="keep the routed experts on disk with a cache of SIZE shared by all layers (2GiB, "
-                        "500MB; 0 = no cache; all = cache every expert on first use) (default none: load "
-                        "everything)")
-    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"], metavar="NAME",
-                   help="with --expert-memory: cache policy; one of: lru, lfu (default lru)")
-    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --expert-memory: load the next layer's predicted experts in the background "
-                        "(default on)")
-    g.add_argument("--read", default="pread", choices=["pread", "mmap"], metavar="NAME",
-                   help="with --expert-memory: how experts are read; one of: pread (page cache dropped after "
-                        "each read, bounded), mmap (safetensors' memory map) (default pread)")
+    g = shared_offload_args(p)
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="with --expert-memory: write the expert trace (JSON) here (default none)")
+
 
 def load_offloaded_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, tokenizer, OffloadedModel)."""
     from moekit.infer.offload import load_offloaded
 
-    om = load_offloaded(args.run_dir, args.expert_memory, policy=args.expert_cache, prefetch=args.prefetch,
-                        read=args.read)
+    om = load_offloaded(args.run_dir, **offload_kwargs(args))
     if om.tokenizer is None:
         raise FileNotFoundError(f"{args.run_dir}: no tokenizer.json; generate needs one to encode the prompt")
     return om.model, om.tokenizer, om

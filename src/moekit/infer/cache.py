@@ -190,6 +190,11 @@ class Trace:
     expert_bytes: int = 0
     events: list[tuple[str, int, int]] = field(default_factory=list)
     live: dict[str, Any] = field(default_factory=dict)
+    record: bool = True  # False: events are not kept (a server runs for days; its trace would only grow)
+
+    def add(self, kind: str, layer: int, expert: int) -> None:
+        if self.record:
+            self.events.append((kind, layer, expert))
 
     def accesses(self) -> list[Key]:
         return [(l, e) for k, l, e in self.events if k == "a"]

@@ -202,7 +202,7 @@ class ExpertCache:
         for e in experts:
             key = (layer, e)
             hit, victim = self.core.access(key)
-            self.trace.events.append(("a", layer, e))
+            self.trace.add("a", layer, e)
             st["accesses"] += 1
             if hit:
                 st["hits"] += 1
@@ -222,7 +222,7 @@ class ExpertCache:
         for e in experts:
             key = (layer, e)
             inserted, victim = self.core.prefetch(key)
-            self.trace.events.append(("p", layer, e))
+            self.trace.add("p", layer, e)
             if inserted:
                 self._evict(victim)
                 self._load(key, True)
@@ -231,7 +231,7 @@ class ExpertCache:
     def end_group(self, layer: int) -> None:
         for key in self.core.end_group(layer):
             self._evict(key)
-        self.trace.events.append(("e", layer, -1))
+        self.trace.add("e", layer, -1)
 
     def weight(self, layer: int, expert: int, which: str) -> Tensor:
         """The resident matrix of a pinned expert, waiting for its load if it is still in flight."""
@@ -246,7 +246,9 @@ class ExpertCache:
 
     # -- reporting -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        tot = {k: sum(s[k] for s in self.layer_stats.values()) for k in
+        """Totals and per-layer counts, from copies: a server's metrics call it while the model runs."""
+        layers = {l: dict(s) for l, s in list(self.layer_stats.items())}
+        tot = {k: sum(s[k] for s in layers.values()) for k in
                ("accesses", "hits", "prefetch_hits", "misses", "bytes_read", "stall_s", "prefetched",
                 "predicted", "predicted_correct", "needed")}
         return {"policy": self.policy_name, "capacity_experts": self.capacity, "expert_bytes": self.expert_bytes,
@@ -255,7 +257,7 @@ class ExpertCache:
                 "prefetch_recall": tot["predicted_correct"] / max(tot["needed"], 1),
                 "prefetch_precision": tot["predicted_correct"] / max(tot["predicted"], 1),
                 "per_layer": {l: dict(s, hit_rate=s["hits"] / max(s["accesses"], 1))
-                              for l, s in sorted(self.layer_stats.items())}}
+                              for l, s in sorted(layers.items())}}
 
     def drain(self) -> None:
         """Wait for every queued load (before timing a step from a quiet state, or closing)."""

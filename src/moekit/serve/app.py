@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,6 +43,16 @@ class Loaded:
     encode: Callable[[str], list[int]]
     encode_chat: Callable[[str], list[int]]
     vocab_size: int
+    offloaded: Any = None  # moekit.infer.offload.OffloadedModel when the routed experts stay on disk
+    trace: str | None = None  # where the offloaded model's expert trace goes at shutdown
+
+    def close(self) -> None:
+        """Stop the engine, then the expert cache's loader (after saving its trace, if asked)."""
+        self.engine.shutdown()
+        if self.offloaded is not None:
+            if self.trace:
+                self.offloaded.save_trace(self.trace)
+            self.offloaded.close()
 
 
 @dataclass
@@ -174,7 +185,7 @@ def _lifespan(state: ServeState, load: Callable[[], Loaded], on_load_error: Call
                          daemon=True).start()
         yield
         if state.loaded is not None:
-            await asyncio.to_thread(state.loaded.engine.shutdown)
+            await asyncio.to_thread(state.loaded.close)
 
     return lifespan
 
@@ -228,10 +239,13 @@ def _add_info_routes(app: FastAPI, state: ServeState) -> None:
 
     @app.get("/v1/experts/stats")
     async def expert_stats():
-        experts = _ready(state).engine.experts
-        if experts is None:
-            return {"num_experts": 0, "layers": {}, "note": "dense model, or --stats-interval 0"}
-        return experts.snapshot()
+        lm = _ready(state)
+        experts = lm.engine.experts
+        out = (experts.snapshot() if experts is not None else
+               {"num_experts": 0, "layers": {}, "note": "dense model, or --stats-interval 0"})
+        if lm.offloaded is not None:  # hits / misses / bytes read of the expert cache, per layer too
+            out["cache"] = lm.offloaded.stats()
+        return out
 
 
 def _add_completion_routes(app: FastAPI, state: ServeState) -> None:

@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from moekit.infer.offload_flags import add_offload_args, offload_kwargs
+
 __all__ = ["build_parser", "load_engine", "main", "start_engine"]
 
 
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in bytes (default 1048576 = 1 MiB)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="seconds in-flight requests may finish after SIGTERM (default 10)")
+    g = add_offload_args(p)
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="with --expert-memory: write the expert trace (JSON) here at shutdown (default none: "
+                        "not recorded)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    metavar="NAME",
                    help="server log level; one of: debug, info, warning, error; debug and info also log each "
@@ -58,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_engine(model_dir: str, metrics, *, dtype: str | None = None, threads: int | None = None, **engine_kw):
+def load_engine(model_dir: str, metrics, *, dtype: str | None = None, threads: int | None = None,
+                offload: dict | None = None, trace: str | None = None, **engine_kw):
     """Load DIR (``moekit.infer.load.load_for_inference``) and start an engine over it -> ``Loaded``.
-    ``threads`` None: ``moekit.infer.load.choose_decode_threads`` for the loaded model."""
+    ``threads`` None: ``moekit.infer.load.choose_decode_threads`` for the loaded model. ``offload``:
+    ``moekit.infer.offload.load_offloaded``'s keywords (``expert_memory``, ``policy``, ...) to keep the
+    routed experts on disk behind a cache; ``trace``: where to write its expert trace at shutdown."""
     import torch
 
     from moekit.infer.load import choose_decode_threads, load_for_inference
@@ -69,17 +78,30 @@ def load_engine(model_dir: str, metrics, *, dtype: str | None = None, threads: i
     note = export_if_distributed(model_dir)  # a run trained on several processes: its DCP checkpoint
     if note:
         print(f"moekit serve: {note}", file=sys.stderr)
-    model, tok = load_for_inference(model_dir)
-    if dtype is not None:
-        model = model.to(getattr(torch, dtype))
+    om = None
+    if offload is not None:
+        from moekit.infer.offload import load_offloaded
+
+        om = load_offloaded(model_dir, dtype=dtype, **offload)
+        om.cache.trace.record = trace is not None
+        model, tok = om.model, om.tokenizer
+        if tok is None:
+            om.close()
+            raise FileNotFoundError(f"{model_dir}: no tokenizer.json; the server needs one to encode prompts")
+    else:
+        model, tok = load_for_inference(model_dir)
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype))
     torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))  # before the engine thread
     print(f"moekit serve: {torch.get_num_threads()} intra-op thread(s)", file=sys.stderr, flush=True)
-    return start_engine(model, tok, model_dir, metrics, **engine_kw)
+    return start_engine(model, tok, model_dir, metrics, offloaded=om, trace=trace, **engine_kw)
 
 
-def start_engine(model, tok, model_dir: str, metrics, **engine_kw):
+def start_engine(model, tok, model_dir: str, metrics, *, offloaded=None, trace: str | None = None, **engine_kw):
     """An engine over a loaded model (Engine's keywords: max_batch, deterministic, stats_interval, ...),
-    with DIR's end-of-document token and chat template -> ``Loaded``."""
+    with DIR's end-of-document token and chat template -> ``Loaded``. ``offloaded``: the
+    ``OffloadedModel`` behind ``model``, whose cache the metrics report and which closes with the server
+    (writing its trace to ``trace`` if given)."""
     from moekit.data import encode
     from moekit.infer.load import special_ids
     from moekit.serve.app import Loaded
@@ -88,8 +110,11 @@ def start_engine(model, tok, model_dir: str, metrics, **engine_kw):
 
     _, end = special_ids(model, tok, model_dir)
     engine = Engine(model, tok, eos_id=end, metrics=metrics, **engine_kw).start()
+    if offloaded is not None and metrics is not None:
+        metrics.watch_cache(offloaded.stats)
     return Loaded(engine, ChatTemplate.from_dir(model_dir), lambda text: encode(tok, text),
-                  lambda text: tok.encode(text, add_special_tokens=False).ids, model.config.vocab_size)
+                  lambda text: tok.encode(text, add_special_tokens=False).ids, model.config.vocab_size,
+                  offloaded, trace)
 
 
 class _Metrics:
@@ -125,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return load_engine(args.model_dir, None if args.no_metrics else metrics, max_batch=args.max_batch,
                            deterministic=args.deterministic, dtype=args.dtype,
                            stats_interval=args.stats_interval, expert_window=args.expert_window,
-                           prefill_chunk=args.prefill_chunk, threads=args.threads)
+                           prefill_chunk=args.prefill_chunk, threads=args.threads,
+                           offload=offload_kwargs(args) if args.expert_memory is not None else None,
+                           trace=args.trace if args.expert_memory is not None else None)
 
     server = None
 

@@ -5,6 +5,8 @@ scrape time from :class:`ExpertLoad`, which the engine feeds a (L, E) array of t
 forward: the lifetime totals, and over the last ``window`` forwards each layer's max/mean load and its
 fraction of dead experts (experts that got no token in the window). The counts come from the routers'
 outputs (``router_tap``), not from ``MoEStats``, whose lazy computation would cost a quarter of a step.
+When the routed experts are offloaded, the expert cache's hits, misses, bytes read and stall time per
+layer are read at scrape time too.
 """
 from __future__ import annotations
 
@@ -98,6 +100,30 @@ class _QueueCollector(Collector):
         yield from (r, w)
 
 
+class _CacheCollector(Collector):
+    """The expert cache of an offloaded model, per layer, read at scrape time from its ``stats()``."""
+
+    _COUNTERS = (("hits", "expert_cache_hits", "expert accesses served from the cache"),
+                 ("misses", "expert_cache_misses", "expert accesses that waited for a read from disk"),
+                 ("prefetch_hits", "expert_cache_prefetch_hits", "hits on experts the prefetcher loaded"),
+                 ("bytes_read", "expert_cache_read_bytes", "bytes of expert weights read from disk"),
+                 ("stall_s", "expert_cache_stall_seconds", "seconds the model waited for expert reads"))
+
+    def __init__(self, stats):
+        self.stats = stats  # () -> ExpertCache.stats()
+
+    def collect(self):
+        st = self.stats()
+        for key, name, doc in self._COUNTERS:
+            fam = CounterMetricFamily(f"moekit:{name}", doc, labels=["layer"])
+            for layer, s in st["per_layer"].items():
+                fam.add_metric([str(layer)], s[key])
+            yield fam
+        cap = GaugeMetricFamily("moekit:expert_cache_capacity_experts", "experts the cache budget holds")
+        cap.add_metric([], st["capacity_experts"])
+        yield cap
+
+
 class ServeMetrics:
     """Every metric of one server in its own registry (tests start many servers in one process)."""
 
@@ -122,3 +148,7 @@ class ServeMetrics:
 
     def watch_experts(self, load: ExpertLoad) -> None:
         self.registry.register(_ExpertCollector(load))
+
+    def watch_cache(self, stats) -> None:
+        """Report an offloaded model's expert cache (``stats``: its ``OffloadedModel.stats``)."""
+        self.registry.register(_CacheCollector(stats))
