@@ -62,6 +62,9 @@ class Poisoned(torch.nn.Module):
         super().__init__()
         self.inner, self.config = inner, inner.config
 
+    def new_kv_cache(self):
+        return self.inner.new_kv_cache()
+
     def forward(self, input_ids, **kw):
         if bool((input_ids == POISON).any()):
             raise RuntimeError("poisoned input")

@@ -4,12 +4,17 @@ Legend: B running requests, V vocabulary.
 
 Each request (a :class:`Sequence`) owns its KV cache, sampling parameters and RNG. One loop, on its own
 thread:
-1. admit waiting requests while the running batch has room (``max_batch``); each is prefilled alone
-   (batch 1): in one forward, exactly as ``moekit.infer.generate`` prefills, when no other request is
-   decoding (or with ``deterministic``), else one ``prefill_chunk`` of its prompt per step so that the
-   others keep getting tokens; the last prompt position yields its first token;
+1. admit waiting requests while the running batch has room (``max_batch``). A request with no other
+   decoding (or with ``deterministic``) is prefilled alone, in one forward, exactly as
+   ``moekit.infer.generate`` prefills; one that arrives while others decode is fed ``prefill_chunk``
+   prompt tokens per step, so that the others keep getting tokens; the last prompt position yields its
+   first token;
 2. one decode step for every running request: their pending tokens (B, 1) go through one forward over
-   the stacked caches (``kvbatch``), or, with ``deterministic``, one forward per request;
+   the stacked caches (``kvbatch``), or, with ``deterministic``, one forward per request. A prefill
+   chunk rides in the same forward as one more row (B + 1, n), each decode row left-padded to n (masked:
+   not attended, not routed; holes in its cache that the next re-stack drops): a forward of its own would
+   add a whole forward's fixed cost (~1.6x a batch-1 decode step of the default LM) to every other
+   request's inter-token latency;
 3. each row samples its next token with its own parameters and generator; a request that hit its stop
    string, the end-of-document token or max_tokens leaves the batch, and so does one whose client went
    away (``abort``) -- so a short request never waits for a long one to finish.
@@ -33,7 +38,7 @@ from torch import Tensor
 from moekit.data import decode
 from moekit.infer.generate import sample_next
 from moekit.nn.attention import KVCache
-from moekit.serve.kvbatch import split_batch, stack_caches
+from moekit.serve.kvbatch import empty_like, split_batch, stack_caches
 from moekit.serve.metrics import ExpertLoad, ServeMetrics
 from moekit.serve.router_tap import RouterTap
 from moekit.serve.text import StopText
@@ -126,6 +131,8 @@ class Engine:
         self._running: list[Sequence] = []  # decoding
         self._prefilling: list[Sequence] = []  # admitted to the batch, prompt not all in the cache yet
         self.prefill_chunk = prefill_chunk
+        # a sliding window counts cache positions, holes included: such models prefill in their own forward
+        self._mixed = not deterministic and prefill_chunk > 0 and not any(model.new_kv_cache().windows)
         self._batch: tuple[list[Sequence], KVCache, list[int]] | None = None
         self._next_id = 0
         self._forwards = 0
@@ -235,11 +242,12 @@ class Engine:
             self._finish(seq, "abort")
         return seq.done
 
-    def _forward(self, ids_BS: Tensor, cache: KVCache) -> Tensor:
-        out = self.model(ids_BS, kv_cache=cache, logits_to_keep=1)
+    def _forward(self, ids_BS: Tensor, cache: KVCache, mask_BS: Tensor | None = None) -> Tensor:
+        out = self.model(ids_BS, kv_cache=cache, attention_mask=mask_BS, logits_to_keep=1)
         self._forwards += 1
         if self._tap is not None:
-            counts_LE = self._tap.take()  # not out.stats: that computes every balancing term (router_tap)
+            # not out.stats: that computes every balancing term (router_tap); padding is not counted
+            counts_LE = self._tap.take(None if mask_BS is None else mask_BS.reshape(-1).bool())
             if counts_LE is not None and self._forwards % self.stats_interval == 0:
                 self.experts.add(counts_LE)
         return out.logits[:, -1]
@@ -255,13 +263,13 @@ class Engine:
         if self.deterministic or not self._running or self.prefill_chunk <= 0:
             for seq in self._prefilling:
                 self._prefill(seq, len(seq.prompt_ids))
-        else:
+        elif not self._mixed:  # else the decode step carries the chunk (_decode_step)
             self._prefill(self._prefilling[0], self.prefill_chunk)
         self._prefilling = [s for s in self._prefilling if not s.done and s.prefilled < len(s.prompt_ids)]
 
     def _prefill(self, seq: Sequence, n_tokens: int) -> None:
         """Feed the next ``n_tokens`` prompt tokens; after the last, the request samples its first token."""
-        if seq.cache is None:
+        if seq.cache is None:  # untrimmed even with sliding windows: a stacked cache keeps no trim counts
             seq.cache = KVCache(self.n_layers)
         end = min(len(seq.prompt_ids), seq.prefilled + n_tokens)
         try:
@@ -269,6 +277,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a model failure fails its request only
             self._fail(seq, e)
             return
+        self._prefilled(seq, end, logits_1V)
+
+    def _prefilled(self, seq: Sequence, end: int, logits_1V: Tensor) -> None:
+        """The prompt is in the cache up to ``end``; after its last token, the request starts decoding."""
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(end - seq.prefilled)
         seq.prefilled = end
@@ -297,24 +309,58 @@ class Engine:
 
     def _decode_step(self) -> None:
         seqs = list(self._running)
-        if self.deterministic or len(seqs) == 1:
+        rider = self._prefilling[0] if self._mixed and self._prefilling else None
+        if rider is None and (self.deterministic or len(seqs) == 1):
             self._step_alone(seqs)
             return
-        if self._batch is None or self._batch[0] != seqs:
-            self._unbatch()
-            cache, pads = stack_caches([s.cache for s in seqs])
-            self._batch = (seqs, cache, pads)
-        _, cache, _ = self._batch
+        n = 1 if rider is None else min(self.prefill_chunk, len(rider.prompt_ids) - rider.prefilled)
+        cache = self._stacked(seqs if rider is None else [*seqs, rider], n)
+        if cache.length + n > self.max_seq_len:  # padded to n, a long row would pass the context: not now
+            self._prefill(rider, n)
+            rider, n = None, 1
+            cache = self._stacked(seqs, n)
+        members = seqs if rider is None else [*seqs, rider]
+        ids, mask = self._step_inputs(seqs, rider, n)
         saved = (list(cache.k), list(cache.v), cache.mask)  # update() replaces tensors, never writes them
         try:
-            logits_BV = self._forward(torch.tensor([[s.pending] for s in seqs]), cache)
+            logits_BV = self._forward(ids, cache, mask)
         except Exception:  # noqa: BLE001 - retried row by row below
             cache.k, cache.v, cache.mask = saved
-            log.warning("a batched decode step failed; retrying its %d requests one by one", len(seqs))
+            log.warning("a batched step failed; retrying its %d requests one by one", len(members))
             self._step_alone(seqs)  # finds the request at fault; the others go on
+            if rider is not None:
+                self._prefill(rider, n)
             return
         for i, seq in enumerate(seqs):
             self._emit_next(seq, logits_BV[i:i + 1])
+        if rider is not None:  # joins the running batch last, where its row already is
+            self._prefilled(rider, rider.prefilled + n, logits_BV[-1:])
+
+    def _stacked(self, members: list[Sequence], n: int) -> KVCache:
+        """The batch cache of ``members`` (re-stacked when they changed, or when ``n`` more positions would
+        pass the context: re-stacking drops the holes of padded chunks)."""
+        if self._batch is not None and self._batch[0] == members and self._batch[1].length + n <= self.max_seq_len:
+            return self._batch[1]
+        self._unbatch()
+        for seq in members:
+            if seq.cache is None:  # a rider's first chunk: an empty cache shaped like the others'
+                seq.cache = empty_like(members[0].cache)
+        cache, pads = stack_caches([s.cache for s in members])
+        self._batch = (members, cache, pads)
+        return cache
+
+    @staticmethod
+    def _step_inputs(seqs: list[Sequence], rider: Sequence | None, n: int) -> tuple[Tensor, Tensor | None]:
+        """(ids (B, n), mask or None): each decode row's pending token left-padded to n; the rider's chunk."""
+        if rider is None:
+            return torch.tensor([[s.pending] for s in seqs]), None
+        ids = torch.zeros(len(seqs) + 1, n, dtype=torch.long)
+        mask = torch.zeros(len(seqs) + 1, n, dtype=torch.long)
+        ids[:-1, -1] = torch.tensor([s.pending for s in seqs])
+        mask[:-1, -1] = 1
+        ids[-1] = torch.tensor(rider.prompt_ids[rider.prefilled:rider.prefilled + n])
+        mask[-1] = 1
+        return ids, mask
 
     def _emit_next(self, seq: Sequence, logits_1V: Tensor) -> None:
         """Sample the next token of one request and hand its text to the sink."""
@@ -367,4 +413,3 @@ class Engine:
             self.metrics.request_failure.inc()
         msg = error if isinstance(error, str) else f"the model failed on this request: {type(error).__name__}: {error}"
         self._send(seq, Event("error", message=msg))
-

@@ -5,8 +5,10 @@ Legend: B running requests, Hk kv heads (1 for MLA's latent), L cached length, d
 Each request owns a :class:`KVCache` of batch 1 while it waits or runs alone. To decode several
 requests in one forward their caches are left-padded to the longest and stacked along B; the model
 reads ``cache.mask`` (B, L) as the key padding mask and counts RoPE positions over real keys only, so a
-padded row computes what it would alone (up to the reduction order of batched kernels). When the set of
-running requests changes, the batch cache is split back into per-request views and re-stacked.
+padded row computes what it would alone (up to the reduction order of batched kernels). A step that
+carries a prefill chunk leaves masked holes in the decode rows (their padded inputs); they are harmless
+(masked, not counted as positions) and dropped at the next split. When the set of running requests
+changes, the batch cache is split back into per-request caches and re-stacked.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from moekit.nn.attention import KVCache
 
-__all__ = ["split_batch", "stack_caches"]
+__all__ = ["empty_like", "split_batch", "stack_caches"]
 
 
 def _pad_left(t_1HLd: Tensor, pad: int) -> Tensor:
@@ -50,13 +52,28 @@ def stack_caches(caches: list[KVCache]) -> tuple[KVCache, list[int]]:
 
 
 def split_batch(batch: KVCache, pads: list[int]) -> list[KVCache]:
-    """The batch-1 cache of each row (views, no copy): its left padding removed, mask None."""
+    """The batch-1 cache of each row, mask None: its left padding removed (a view, no copy), and the
+    holes that padded chunks left after it (masked positions past the padding) dropped (a copy)."""
     if len(pads) == 1 and batch.mask is None:
         return [batch]
     out = []
     for i, p in enumerate(pads):
         c = KVCache(len(batch.k))
-        c.k = [k[i:i + 1, :, p:] for k in batch.k]
-        c.v = [v[i:i + 1, :, p:] for v in batch.v]
+        real_L = None if batch.mask is None else batch.mask[i, p:]
+        if real_L is None or bool(real_L.all()):
+            c.k = [k[i:i + 1, :, p:] for k in batch.k]
+            c.v = [v[i:i + 1, :, p:] for v in batch.v]
+        else:
+            keep = real_L.nonzero().squeeze(1) + p
+            c.k = [k[i:i + 1].index_select(2, keep) for k in batch.k]
+            c.v = [v[i:i + 1].index_select(2, keep) for v in batch.v]
         out.append(c)
+    return out
+
+
+def empty_like(ref: KVCache) -> KVCache:
+    """An empty batch-1 cache of zero-length tensors shaped like ``ref``'s, so that it can be stacked."""
+    out = KVCache(len(ref.k))
+    out.k = [t.new_empty(1, t.shape[1], 0, *t.shape[3:]) for t in ref.k]
+    out.v = [t.new_empty(1, t.shape[1], 0, *t.shape[3:]) for t in ref.v]
     return out

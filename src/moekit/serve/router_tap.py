@@ -6,8 +6,8 @@ Legend: T tokens, K top-k, E experts, L MoE layers.
 term and statistic of the call (~30 small ops per layer): measured 25-45% of a decode step of the
 default LM. The router's choices are already there, so a hook keeps a reference to them and one
 ``bincount`` per layer gives the counts. They are the router's assignments before any capacity drop:
-for dropless routers (moekit's default) exactly ``tokens_per_expert`` (tested). The serving engine
-never pads a forward (prefill and decode rows are all real tokens), so nothing needs masking.
+for dropless routers (moekit's default) exactly ``tokens_per_expert`` (tested). A forward that carries a
+prefill chunk pads its decode rows; ``take`` counts only the real tokens it is told of.
 """
 from __future__ import annotations
 
@@ -41,18 +41,31 @@ class RouterTap:
 
     def _hook(self, layer: int):
         def hook(module, args, routing):
-            if threading.get_ident() == self._thread:
-                picks = routing.indices_TK if routing.indices_TK is not None else routing.expert_A
-                self._last[layer] = picks  # a reference: counting waits until take()
+            if threading.get_ident() == self._thread:  # references: counting waits until take()
+                rows = routing.probs_TE.shape[0]  # every token of the forward, or only its real ones
+                if routing.indices_TK is not None:
+                    self._last[layer] = (routing.indices_TK, None, rows)
+                else:
+                    self._last[layer] = (routing.expert_A, routing.token_A, rows)
         return hook
 
-    def take(self) -> np.ndarray | None:
+    def take(self, valid_T: torch.Tensor | None = None) -> np.ndarray | None:
+        """(L, E) counts of the last forward; ``valid_T`` (bool over its B*S tokens): count only those
+        (the rest is padding)."""
         if len(self._last) != len(self.layers):
             return None
         E = self.num_experts
-        counts_LE = torch.stack([torch.bincount(self._last[i].reshape(-1), minlength=E)[:E] for i in self.layers])
+        counts_LE = torch.stack([torch.bincount(self._picks(i, valid_T), minlength=E)[:E] for i in self.layers])
         self._last.clear()
         return counts_LE.numpy()
+
+    def _picks(self, layer: int, valid_T: torch.Tensor | None) -> torch.Tensor:
+        picks, token_A, rows = self._last[layer]
+        if valid_T is None or rows != valid_T.shape[0]:  # no padding, or the layer routed real tokens only
+            return picks.reshape(-1)
+        if token_A is not None:  # assignment lists: keep those of real tokens
+            return picks[valid_T[token_A]]
+        return picks[valid_T].reshape(-1)  # token-choice picks (T, K)
 
     def remove(self) -> None:
         for h in self._handles:
