@@ -2,7 +2,8 @@
 
 Each row computes what it computes alone (to rounding), the holes the padding leaves in the decode rows'
 caches are dropped when the batch is split, padding is not counted as routed tokens, and the engine runs
-such steps as one forward whose requests still get `generate`'s tokens."""
+such steps (``mixed_prefill``, ``moekit serve --mixed-prefill``) as one forward whose requests still get
+`generate`'s tokens."""
 from __future__ import annotations
 
 import threading
@@ -82,7 +83,7 @@ class _Shapes(torch.nn.Module):
 def test_the_engine_prefills_a_late_request_inside_the_decode_steps(model_tok):
     model, tok = model_tok
     wrapped = _Shapes(model)
-    eng = Engine(wrapped, tok, max_batch=2, prefill_chunk=4).start()
+    eng = Engine(wrapped, tok, max_batch=2, prefill_chunk=4, mixed_prefill=True).start()
     early_ids, late_ids = [1, 2, 3], list(range(10, 29))  # 19 prompt tokens: chunks of 4, 4, 4, 4, 3
     out = {"early": [], "late": []}
     done = {k: threading.Event() for k in out}
@@ -110,3 +111,20 @@ def test_the_engine_prefills_a_late_request_inside_the_decode_steps(model_tok):
         for name, ids, n in (("early", early_ids, 60), ("late", late_ids, 8)):
             want = generate(model, torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist()
             assert out[name] == want, name
+
+
+def test_without_mixed_prefill_a_chunk_runs_alone(model_tok):
+    model, tok = model_tok
+    wrapped = _Shapes(model)
+    eng = Engine(wrapped, tok, max_batch=2, prefill_chunk=4).start()
+    started, done = threading.Event(), threading.Event()
+    try:
+        eng.submit([1, 2, 3], SamplingParams(40, temperature=0, ignore_eos=True),
+                   lambda ev: started.set() if ev.kind == "token" else None)
+        assert started.wait(30)
+        eng.submit(list(range(10, 22)), SamplingParams(2, temperature=0, ignore_eos=True),
+                   lambda ev: done.set() if ev.kind != "token" else None)
+        assert done.wait(30)
+    finally:
+        eng.shutdown()
+    assert (1, 4) in wrapped.shapes and not any(b == 2 and s > 1 for b, s in wrapped.shapes)

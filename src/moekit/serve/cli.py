@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=16, metavar="N",
                    help="prompt tokens prefilled per step while other requests decode, 0 = whole prompts "
                         "(default 16)")
+    p.add_argument("--mixed-prefill", action="store_true",
+                   help="prefill chunks ride in the decode step's forward (decode rows padded) instead of a "
+                        "forward of their own; rounds differently, so greedy output under concurrency matches "
+                        "less often (default off)")
     p.add_argument("--no-metrics", action="store_true",
                    help="no request metrics, to measure what they cost (default off)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return load_engine(args.model_dir, None if args.no_metrics else metrics, max_batch=args.max_batch,
                            deterministic=args.deterministic, dtype=args.dtype,
                            stats_interval=args.stats_interval, expert_window=args.expert_window,
-                           prefill_chunk=args.prefill_chunk, threads=args.threads,
+                           prefill_chunk=args.prefill_chunk, mixed_prefill=args.mixed_prefill,
+                           threads=args.threads,
                            offload=offload_kwargs(args) if args.expert_memory is not None else None,
                            trace=args.trace if args.expert_memory is not None else None)
 
