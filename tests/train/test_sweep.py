@@ -87,6 +87,11 @@ def test_a_killed_sweep_resumes_and_reports_what_the_metrics_say(tmp_path, corpu
         v = row["final_val_loss"]
         assert v["mean"] == pytest.approx(sum(v["per_seed"]) / 2)
     assert summary["runs"][1]["total_params"] > summary["runs"][0]["total_params"]
+    # the same sweep with one more expert count trains only the new runs
+    grown = ["--experts", "1,2,3", *argv[2:]]
+    assert sweep_main(grown) == 0
+    assert finished.stat().st_mtime_ns == before
+    assert [r["experts"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == [1, 2, 3]
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2
     assert (out / "sweep_loss_vs_params.png").is_file() and (out / "sweep_loss_curves.png").is_file()

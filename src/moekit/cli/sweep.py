@@ -98,9 +98,12 @@ def _load_plan(out: Path, plan: dict[str, Any]) -> None:
     path = out / SWEEP_PLAN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != plan:
+        # the same sweep with more expert counts (the finished runs are kept: same flags, steps, seeds)
+        grown = (old.get("experts") is not None and set(old["experts"]) <= set(plan["experts"])
+                 and {k: v for k, v in old.items() if k != "experts"} == {k: v for k, v in plan.items() if k != "experts"})
+        if old != plan and not grown:
             raise UsageError(f"{out} holds another sweep ({path}: {json.dumps(old)}); run that same command to "
-                             "finish it, or pick another --out")
+                             "finish it (more --experts may be added), or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, plan)
 
