@@ -317,7 +317,7 @@ class Engine:
             return
         n = 1 if rider is None else min(self.prefill_chunk, len(rider.prompt_ids) - rider.prefilled)
         cache = self._stacked(seqs if rider is None else [*seqs, rider], n)
-        if cache.length + n > self.max_seq_len:  # padded to n, a long row would pass the context: not now
+        if rider is not None and cache.length + n > self.max_seq_len:  # padded to n, a row would pass the context
             self._prefill(rider, n)
             rider, n = None, 1
             cache = self._stacked(seqs, n)
