@@ -77,35 +77,14 @@ def _load_model(path: str, args):
     tokenizer, its figures, and what to close when done (None, or the OffloadedModel)."""
     import torch
 
-    from moekit.infer.load import choose_decode_threads, load_for_inference
+    from moekit.infer.load import choose_decode_threads, count_params, load_maybe_offloaded
+    from moekit.infer.offload_flags import offload_kwargs
 
-    om = None
-    if args.expert_memory is not None:
-        from moekit.infer.offload import load_offloaded
-        from moekit.infer.offload_flags import offload_kwargs
-
-        om = load_offloaded(path, **offload_kwargs(args))
-        om.cache.trace.record = False
-        model, tok = om.model, om.tokenizer
-    else:
-        model, tok = load_for_inference(path)
+    model, tok, om = load_maybe_offloaded(path, offload_kwargs(args) if args.expert_memory is not None else None)
     torch.set_num_threads(args.threads if args.threads is not None else choose_decode_threads(model))
     dtype = next(model.parameters()).dtype
-    return model, tok, {"params": _count_params(model), "dtype": str(dtype).replace("torch.", ""),
+    return model, tok, {"params": count_params(model), "dtype": str(dtype).replace("torch.", ""),
                         "threads": torch.get_num_threads()}, om
-
-
-def _count_params(model) -> dict[str, int]:
-    """Total and active parameters; of an offloaded model (whose experts are not parameters), counted on
-    a weightless copy of its architecture."""
-    import torch
-
-    from moekit.nn.transformer import MoETransformer
-
-    if all(hasattr(m.experts, "w_up") and isinstance(m.experts.w_up, torch.Tensor) for m in model.moe_layers()):
-        return model.num_params()
-    with torch.device("meta"):
-        return MoETransformer(model.config).num_params()
 
 
 def _generate_per_token(model, prompts: list[list[int]], output_len: int) -> float:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["choose_decode_threads", "load_for_inference", "non_expert_bytes", "special_ids",
-           "weight_bytes_per_token"]
+__all__ = ["choose_decode_threads", "count_params", "load_for_inference", "load_maybe_offloaded",
+           "non_expert_bytes", "special_ids", "weight_bytes_per_token"]
 
 
 def load_for_inference(path: str | Path) -> tuple[Any, Any]:
@@ -79,3 +79,33 @@ def choose_decode_threads(model: Any) -> int:
     from moekit.runtime import decode_threads
 
     return decode_threads(weight_bytes_per_token(model))
+
+
+def load_maybe_offloaded(path: str | Path, offload: dict | None = None, dtype: str | None = None,
+                         record_trace: bool = False) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, OffloadedModel or None): with ``offload`` (``moekit.infer.offload.load_offloaded``'s
+    keywords) the routed experts stay on disk behind a cache whose trace is kept only if ``record_trace``;
+    without, :func:`load_for_inference`, cast to ``dtype`` if given."""
+    import torch
+
+    if offload is None:
+        model, tok = load_for_inference(path)
+        return (model if dtype is None else model.to(getattr(torch, dtype))), tok, None
+    from moekit.infer.offload import load_offloaded
+
+    om = load_offloaded(path, dtype=dtype, **offload)
+    om.cache.trace.record = record_trace
+    return om.model, om.tokenizer, om
+
+
+def count_params(model: Any) -> dict[str, int]:
+    """Total and active parameters (``num_params``); of an offloaded model, whose experts are not
+    parameters, counted on a weightless copy of its architecture."""
+    import torch
+
+    from moekit.nn.transformer import MoETransformer
+
+    if all(isinstance(getattr(m.experts, "w_up", None), torch.Tensor) for m in model.moe_layers()):
+        return model.num_params()
+    with torch.device("meta"):
+        return MoETransformer(model.config).num_params()

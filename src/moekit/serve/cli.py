@@ -76,26 +76,16 @@ def load_engine(model_dir: str, metrics, *, dtype: str | None = None, threads: i
     routed experts on disk behind a cache; ``trace``: where to write its expert trace at shutdown."""
     import torch
 
-    from moekit.infer.load import choose_decode_threads, load_for_inference
+    from moekit.infer.load import choose_decode_threads, load_maybe_offloaded
     from moekit.parallel.run_export import export_if_distributed
 
     note = export_if_distributed(model_dir)  # a run trained on several processes: its DCP checkpoint
     if note:
         print(f"moekit serve: {note}", file=sys.stderr)
-    om = None
-    if offload is not None:
-        from moekit.infer.offload import load_offloaded
-
-        om = load_offloaded(model_dir, dtype=dtype, **offload)
-        om.cache.trace.record = trace is not None
-        model, tok = om.model, om.tokenizer
-        if tok is None:
-            om.close()
-            raise FileNotFoundError(f"{model_dir}: no tokenizer.json; the server needs one to encode prompts")
-    else:
-        model, tok = load_for_inference(model_dir)
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype))
+    model, tok, om = load_maybe_offloaded(model_dir, offload, dtype, record_trace=trace is not None)
+    if tok is None:  # an offloaded HF directory without tokenizer.json (a resident load raises itself)
+        om.close()
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json; the server needs one to encode prompts")
     torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))  # before the engine thread
     print(f"moekit serve: {torch.get_num_threads()} intra-op thread(s)", file=sys.stderr, flush=True)
     return start_engine(model, tok, model_dir, metrics, offloaded=om, trace=trace, **engine_kw)
