@@ -69,6 +69,20 @@ Entry = tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]  # (HF na
 
 
 @dataclass(frozen=True)
+class ExpertRows:
+    """Where each expert's matrices lie in a layer's fused expert tensors (names relative to the HF layer
+    prefix), for readers that fetch one expert at a time (``moekit.infer.store``): ``gate_up`` (E, 2H, D),
+    gate rows first, or ``gate`` and ``up`` (E·H, D); ``down`` (E, D, H), or with ``down_transposed``
+    (E·H, D), each expert's rows the transpose of its down matrix."""
+
+    down: str
+    gate_up: str | None = None
+    gate: str | None = None
+    up: str | None = None
+    down_transposed: bool = False
+
+
+@dataclass(frozen=True)
 class FusedIO:
     """Layer tensors an architecture stores fused (gpt-oss's fused or MXFP4 experts, DBRX's Wqkv).
 
@@ -76,11 +90,14 @@ class FusedIO:
     tensors it needs on ``plan`` (``plan.need``) and returns ``("fn", fill)``, ``fill(dst)`` reading them
     into ``dst`` (experts one at a time); ``layer`` is the HF layer prefix, e.g. ``model.layers.{i}.``.
     ``entries(layer, tensors, hf_cfg)`` is what a layer's owned tensors (suffix -> tensor) are saved as.
+    ``rows``: for fused experts whose matrices are each one byte range, where they lie (None: they are
+    not, as gpt-oss's interleaved gate/up columns).
     """
 
     suffixes: tuple[str, ...]
     source: Callable[[Any, str, str, tuple[int, ...]], Any]
     entries: Callable[[str, dict[str, Tensor], dict[str, Any]], list[Entry]]
+    rows: ExpertRows | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.hf.adapter import Adapter, Entry, FusedIO
+from moekit.hf.adapter import Adapter, Entry, ExpertRows, FusedIO
 from moekit.hf.fields import export_errors, moe_layers, refuse
 from moekit.hf.rope_fields import rope_from_hf, rope_to_hf
 
@@ -100,6 +100,7 @@ def from_moekit(cfg: ModelConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- fused tensors
 QKV = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")
 EXPERTS = {"ffn.experts.w_gate": "w1", "ffn.experts.w_up": "v1", "ffn.experts.w_down": "w2"}
+_MLP = "ffn.experts.mlp."
 
 
 def _qkv_source(plan: Any, layer: str, suffix: str, shape: tuple[int, ...]) -> tuple[str, Any]:
@@ -117,7 +118,7 @@ def _qkv_entries(layer: str, t: dict[str, Tensor], hf: dict[str, Any]) -> list[E
 
 
 def _expert_source(plan: Any, layer: str, suffix: str, shape: tuple[int, ...]) -> tuple[str, Any]:
-    key, E = layer + "ffn.experts.mlp." + EXPERTS[suffix], shape[0]
+    key, E = layer + _MLP + EXPERTS[suffix], shape[0]
     H, D = (shape[2], shape[1]) if suffix == "ffn.experts.w_down" else (shape[1], shape[2])
     plan.need(key, (E * H, D))
 
@@ -134,9 +135,12 @@ def _expert_entries(layer: str, t: dict[str, Tensor], hf: dict[str, Any]) -> lis
     for suffix, name in EXPERTS.items():
         w = t[suffix].transpose(1, 2) if suffix == "ffn.experts.w_down" else t[suffix]  # (E, H, D)
         E, H, D = w.shape
-        out.append((layer + "ffn.experts.mlp." + name, (E * H, D), w.dtype, lambda w=w: w.reshape(-1, w.shape[2])))
+        out.append((layer + _MLP + name, (E * H, D), w.dtype, lambda w=w: w.reshape(-1, w.shape[2])))
     return out
 
+
+# one expert's w1 / v1 rows are its gate / up; its w2 rows are its down matrix transposed
+_ROWS = ExpertRows(_MLP + "w2", gate=_MLP + "w1", up=_MLP + "v1", down_transposed=True)
 
 ADAPTER = Adapter(
     model_type="dbrx",
@@ -149,7 +153,7 @@ ADAPTER = Adapter(
         ("attn.o_proj.", "norm_attn_norm.attn.out_proj."),
         ("ffn.router.weight", "ffn.router.layer.weight"),
     ),
-    fused=(FusedIO(QKV, _qkv_source, _qkv_entries), FusedIO(tuple(EXPERTS), _expert_source, _expert_entries)),
+    fused=(FusedIO(QKV, _qkv_source, _qkv_entries), FusedIO(tuple(EXPERTS), _expert_source, _expert_entries, _ROWS)),
     layer_prefix="transformer.blocks.",
     global_names=(("embed.weight", "transformer.wte.weight"), ("norm.weight", "transformer.norm_f.weight")),
 )

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.hf.adapter import Entry, FusedIO
+from moekit.hf.adapter import Entry, ExpertRows, FusedIO
 
 __all__ = ["fused_expert_io"]
 
@@ -51,4 +51,4 @@ def fused_expert_io(gate_up: str, down: str) -> FusedIO:
             (layer + down, (E, D, H), d.dtype, lambda: d),
         ]
 
-    return FusedIO(tuple(f"ffn.experts.{n}" for n in _WHICH), source, entries)
+    return FusedIO(tuple(f"ffn.experts.{n}" for n in _WHICH), source, entries, ExpertRows(down, gate_up=gate_up))

@@ -87,13 +87,20 @@ def _moe_prefix(adapter, names: set[str]) -> str:
     return adapter.experts.prefix
 
 
+def _expert_rows(adapter):
+    """The adapter's placement of fused expert matrices (None: per-expert or gate_up_proj tensors)."""
+    io = adapter.fused_io("ffn.experts.w_up") if adapter is not None else None
+    return None if io is None else io.rows
+
+
 def _refuse_unsupported(path: Path, cfg, hf: dict | None, adapter) -> None:
     m = cfg.moe
-    if m.expert_ffn_bias or m.swiglu_limit is not None or m.output_bias or (adapter is not None and adapter.fused):
+    fused = adapter is not None and adapter.fused_io("ffn.experts.w_up") is not None
+    if m.expert_ffn_bias or m.swiglu_limit is not None or (fused and _expert_rows(adapter) is None):
         raise ValueError(
-            f"{path}: expert offloading holds per-expert SwiGLU weights without biases; "
-            f"{hf.get('model_type') if hf else 'this model'}'s experts (biased, clamped or stored fused) "
-            "are not supported: load it whole"
+            f"{path}: expert offloading holds SwiGLU expert matrices without biases, each one byte range of "
+            f"the checkpoint; {hf.get('model_type') if hf else 'this model'}'s experts (biased, clamped or "
+            "interleaved) are not supported: load it whole"
         )
 
 
@@ -115,7 +122,8 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
 
         prefix = _moe_prefix(adapter, set(_weight_files(path)))
         names = {"gate": adapter.experts.gate, "up": adapter.experts.up, "down": adapter.experts.down}
-        store = ExpertStore(path, _layers(cfg), layout="hf", moe_prefix=prefix, names=names, read=read)
+        store = ExpertStore(path, _layers(cfg), layout="hf", moe_prefix=prefix, names=names, read=read,
+                            layer_prefix=adapter.layer_prefix, rows=_expert_rows(adapter))
     try:
         reader = ShardReader(path)
     except ValueError as e:
@@ -125,7 +133,7 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
     if adapter is None:
         expert_dtype = want or store.file_dtype
     else:
-        embed = "model.embed_tokens.weight"
+        embed = adapter.global_name("embed.weight")
         expert_dtype = want or (reader.dtype(embed) if embed in reader else torch.float32)
     # 3. the budget
     slot_bytes = store.expert_nbytes(expert_dtype)  # the budget counts weights; slot padding is <= 12 KiB more

@@ -7,9 +7,13 @@ Where one expert's weights are, for every layout moekit loads (no conversion pas
   in ``model.safetensors`` or shards listed by ``model.safetensors.index.json``;
 - an HF checkpoint, per-expert tensors: ``model.layers.{i}.mlp.experts.{e}.gate_proj.weight`` (H, D) ...;
 - an HF checkpoint, fused 3-D tensors: ``experts.gate_up_proj`` (E, 2H, D), gate first, and
-  ``experts.down_proj`` (E, D, H).
+  ``experts.down_proj`` (E, D, H);
+- an architecture's own fused tensors, placed by its adapter's :class:`moekit.hf.adapter.ExpertRows`:
+  GraniteMoE / JetMoE ``input_linear`` (E, 2H, D) and ``output_linear`` (E, D, H); DBRX ``w1`` / ``v1``
+  (E·H, D) and ``w2`` (E·H, D), which holds each expert's down matrix transposed.
 In every case one expert's gate, up or down matrix is ONE contiguous byte range of one file (row e of
-a C-contiguous (E, ...) tensor, or a whole per-expert tensor), so the store keeps, per (layer, expert),
+a C-contiguous (E, ...) tensor, rows [eH, (e+1)H) of an (E·H, D) one, or a whole per-expert tensor; a
+transposed one is transposed as it is copied into place), so the store keeps, per (layer, expert),
 three :class:`Extent` (file, byte offset, length) computed from the safetensors headers, which it parses
 itself (8-byte little-endian header length, JSON header, data). They are checked against the file sizes
 when the store is built, so a truncated or missing shard fails at load, naming the file and the tensor.
@@ -51,7 +55,9 @@ class StoreError(ValueError):
 @dataclass(frozen=True)
 class Extent:
     """One expert's matrix: ``nbytes`` bytes at ``offset`` of ``file`` (tensor ``tensor``, row ``index``
-    of it, or the whole tensor when None; ``part`` = 0/1 picks the gate/up half of a fused gate_up row)."""
+    of it, or the whole tensor when None; ``part`` = 0/1 picks the gate/up half of a fused gate_up row).
+    ``shape`` is the matrix's; ``transposed``: the bytes hold its transpose (shape reversed); ``flat``: the
+    tensor is (E·R, C), expert ``index`` its rows [index·R, (index+1)·R) of the stored R x C matrix."""
 
     file: Path
     tensor: str
@@ -61,6 +67,12 @@ class Extent:
     dtype: torch.dtype
     index: int | None = None
     part: int | None = None
+    transposed: bool = False
+    flat: bool = False
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transposed else self.shape
 
 
 def safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -101,12 +113,14 @@ class ExpertStore:
     """The routed experts of every MoE layer of a checkpoint directory, read one expert at a time.
 
     ``layout``: ``"moekit"`` (run directory names) or ``"hf"`` with ``moe_prefix`` (e.g. ``"mlp."``) and
-    ``names`` (the adapter's gate/up/down projection names). ``layers``: {block index: (E, H, D, gated)}.
+    ``names`` (the adapter's gate/up/down projection names), ``layer_prefix`` (HF layer i is
+    ``{layer_prefix}{i}.``) and, for an architecture's own fused tensors, ``rows`` (its
+    :class:`moekit.hf.adapter.ExpertRows`). ``layers``: {block index: (E, H, D, gated)}.
     """
 
     def __init__(self, path: str | os.PathLike[str], layers: dict[int, tuple[int, int, int, bool]], *,
                  layout: str = "moekit", moe_prefix: str = "mlp.", names: dict[str, str] | None = None,
-                 read: str = "pread"):
+                 read: str = "pread", layer_prefix: str = "model.layers.", rows: Any = None):
         if read not in ("pread", "mmap"):
             raise ValueError(f"read={read!r} must be 'pread' or 'mmap'")
         self.path, self.read_mode, self.layout = Path(path), read, layout
@@ -115,6 +129,7 @@ class ExpertStore:
         self._headers: dict[Path, tuple[dict[str, Any], int, int]] = {}
         self.extents: dict[tuple[int, int], dict[str, Extent]] = {}
         self.tensor_names: set[str] = set()  # every checkpoint tensor that holds routed experts
+        self._layer_prefix, self._expert_rows = layer_prefix, rows
         self.file_dtype = self._plan(moe_prefix, names or {})
         self._fds: dict[Path, int] = {}
         self._mmaps: dict[Path, Any] = {}
@@ -165,11 +180,17 @@ class ExpertStore:
         return file, start, end, dtypes[entry["dtype"]], entry
 
     def _rows(self, name: str, E: int, row_shape: tuple[int, ...], split: int | None = None,
-              dtypes: dict[str, torch.dtype] = _ST_DTYPES) -> list[Extent]:
-        file, start, _, dtype, _ = self._tensor(name, (E, *row_shape), dtypes)
+              dtypes: dict[str, torch.dtype] = _ST_DTYPES, *, flat: bool = False,
+              transposed: bool = False) -> list[Extent]:
+        """Row e of an (E, *row_shape) tensor per expert (or of an (E·R, C) one when ``flat``); with
+        ``transposed`` each row holds the transpose of the matrix wanted."""
+        stored = (E * row_shape[0], *row_shape[1:]) if flat else (E, *row_shape)
+        file, start, _, dtype, _ = self._tensor(name, stored, dtypes)
         row = torch.Size(row_shape).numel() * dtype.itemsize
         if split is None:
-            return [Extent(file, name, start + e * row, row, row_shape, dtype, e) for e in range(E)]
+            shape = row_shape[::-1] if transposed else row_shape
+            return [Extent(file, name, start + e * row, row, shape, dtype, e, None, transposed, flat)
+                    for e in range(E)]
         half, hshape = row // 2, (row_shape[0] // 2, row_shape[1])
         return [Extent(file, name, start + e * row + split * half, half, hshape, dtype, e, split) for e in range(E)]
 
@@ -177,7 +198,9 @@ class ExpertStore:
         return self._rows(f"layers.{i}.ffn.experts.{which}", E, shape)
 
     def _locate_hf(self, i: int, which: str, E: int, shape, prefix: str, names: dict[str, str]) -> list[Extent]:
-        base = f"model.layers.{i}.{prefix}experts."
+        if self._expert_rows is not None:
+            return self._locate_fused(f"{self._layer_prefix}{i}.", which, E, shape)
+        base = f"{self._layer_prefix}{i}.{prefix}experts."
         if which == "w_down" and base + "down_proj" in self._files:
             return self._rows(base + "down_proj", E, shape)
         if which != "w_down" and base + "gate_up_proj" in self._files:
@@ -188,6 +211,16 @@ class ExpertStore:
             file, start, end, dtype, _ = self._tensor(name, shape)
             out.append(Extent(file, name, start, end - start, shape, dtype))
         return out
+
+    def _locate_fused(self, layer: str, which: str, E: int, shape) -> list[Extent]:
+        r = self._expert_rows
+        if which == "w_down":
+            if r.down_transposed:  # (E·H, D): expert e's (H, D) rows, the transpose of its (D, H) down
+                return self._rows(layer + r.down, E, shape[::-1], flat=True, transposed=True)
+            return self._rows(layer + r.down, E, shape)
+        if r.gate_up is not None:
+            return self._rows(layer + r.gate_up, E, (2 * shape[0], shape[1]), split=int(which == "w_up"))
+        return self._rows(layer + (r.gate if which == "w_gate" else r.up), E, shape, flat=True)
 
     # -- sizes ----------------------------------------------------------------------------------------
     def expert_nbytes(self, dtype: torch.dtype | None = None) -> int:
@@ -208,13 +241,15 @@ class ExpertStore:
         for which, ext in self.extents[(layer, expert)].items():
             dst = out[which]
             if self.read_mode == "mmap":
-                dst.copy_(self._read_mmap(ext))
-            elif dst.dtype == ext.dtype and dst.is_contiguous():
+                t = self._read_mmap(ext)
+                dst.copy_(t.t() if ext.transposed else t)
+            elif dst.dtype == ext.dtype and dst.is_contiguous() and not ext.transposed:
                 self._pread(ext, dst.view(-1).view(torch.uint8))
             else:
                 raw = staging[: ext.nbytes] if staging is not None else torch.empty(ext.nbytes, dtype=torch.uint8)
                 self._pread(ext, raw)
-                dst.copy_(raw.view(ext.dtype).view(ext.shape))  # the same cast as a resident load
+                src = raw.view(ext.dtype).view(ext.stored_shape)
+                dst.copy_(src.t() if ext.transposed else src)  # the same cast (and transpose) as a resident load
             n += ext.nbytes
         with self._lock:
             self.bytes_read += n
@@ -247,6 +282,9 @@ class ExpertStore:
             f = self._mmaps[ext.file]
         if ext.index is None:
             return f.get_tensor(ext.tensor)
+        if ext.flat:
+            R = ext.stored_shape[0]
+            return f.get_slice(ext.tensor)[ext.index * R:(ext.index + 1) * R]
         t = f.get_slice(ext.tensor)[ext.index]
         if ext.part is None:
             return t

@@ -1,0 +1,108 @@
+"""Experts offloaded from checkpoints that transformers itself wrote with fused expert tensors: GraniteMoE and
+JetMoE (``input_linear`` (E, 2H, D), ``output_linear`` (E, D, H)) and DBRX (``w1`` / ``v1`` / ``w2`` as
+(E·H, D), ``w2`` holding each expert's down matrix transposed). Offloaded == resident bit for bit (tokens
+and logits; budgets top-k, 0 and all; LRU and LFU; prefetch on and off; pread and mmap), and both close to
+transformers' own logits. gpt-oss's interleaved, biased experts are refused with what to do instead."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from _hf_parity import COMMON, TOL, batch, build_hf, hf_logits, max_diff, transformers
+from test_convert_new_families import CASES, SKIP_COMMON
+
+from moekit.hf import load_any
+from moekit.infer.generate import generate
+from moekit.infer.offload import load_offloaded
+from moekit.infer.store import StoreError
+
+FUSED = ("granitemoe", "jetmoe", "dbrx")
+NEW = 6
+
+
+def _build(case: str, path):
+    cls, kw = CASES[case]
+    common = {k: v for k, v in COMMON.items() if k not in SKIP_COMMON.get(case, ())}
+    return build_hf(getattr(transformers, cls)(**{**common, **kw}), path)
+
+
+@pytest.fixture(scope="module", params=FUSED)
+def fused_ckpt(request, tmp_path_factory):
+    """(case, checkpoint dir, transformers model, resident (tokens, logits))."""
+    path = tmp_path_factory.mktemp(request.param)
+    ref = _build(request.param, path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests run (conftest's per-test fixture comes after this one)
+    try:
+        return request.param, path, ref, _run(load_any(path)[0])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(model):
+    ids, mask = batch(COMMON["vocab_size"], 1)
+    with torch.no_grad():
+        out = generate(model, ids, NEW, temperature=0, attention_mask=mask)
+        full = torch.cat([mask, mask.new_ones(mask.shape[0], NEW)], 1)
+        return out, model(out, attention_mask=full).logits
+
+
+def _expert_bytes(path) -> tuple[int, int]:
+    om = load_offloaded(path, "all")
+    try:
+        return om.cache.expert_bytes, om.model.config.moe.top_k
+    finally:
+        om.close()
+
+
+@pytest.mark.parametrize("budget", ["topk", 0, "all"])
+@pytest.mark.parametrize("policy,prefetch,read", [("lru", True, "pread"), ("lfu", False, "pread"),
+                                                  ("lru", False, "mmap")])
+def test_fused_offloaded_equals_resident(fused_ckpt, budget, policy, prefetch, read):
+    case, path, _, (ref_tokens, ref_logits) = fused_ckpt
+    if budget == "topk":
+        nbytes, k = _expert_bytes(path)
+        budget = k * nbytes
+    om = load_offloaded(path, budget, policy=policy, prefetch=prefetch, read=read)
+    try:
+        tokens, logits = _run(om.model)
+        st = om.stats()
+    finally:
+        om.close()
+    assert torch.equal(tokens, ref_tokens), case
+    assert torch.equal(logits, ref_logits), case
+    assert st["bytes_read"] > 0
+
+
+def test_fused_offloaded_matches_transformers(fused_ckpt):
+    """The offloaded model reads the right rows: its logits are transformers' on the same checkpoint."""
+    case, path, ref, _ = fused_ckpt
+    ids, mask = batch(COMMON["vocab_size"], 1)
+    om = load_offloaded(path, 0)
+    try:
+        with torch.no_grad():
+            ours = om.model(ids, attention_mask=mask).logits
+    finally:
+        om.close()
+    assert max_diff(ours, hf_logits(ref, ids, mask), mask) <= TOL, case
+
+
+def test_truncated_dbrx_w2_named_at_load(tmp_path):
+    _build("dbrx", tmp_path / "src")
+    shutil.copytree(tmp_path / "src", tmp_path / "dst")
+    shard = next((tmp_path / "dst").glob("*.safetensors"))
+    with open(shard, "r+b") as f:  # a single shard: the last tensor in it ends past the new end
+        f.truncate(shard.stat().st_size - 64)
+    with pytest.raises((StoreError, ValueError)) as err:
+        load_offloaded(tmp_path / "dst", "all")
+    assert str(shard) in str(err.value) and "truncated" in str(err.value)
+
+
+def test_interleaved_biased_experts_refused(tmp_path):
+    _build("gpt_oss", tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_offloaded(tmp_path, "all")
+    msg = str(err.value)
+    assert "gpt_oss" in msg and "load it whole" in msg
