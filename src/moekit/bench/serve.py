@@ -208,15 +208,31 @@ class ServerProcess:
 
 
 def read_rss(pid: int) -> dict[str, int]:
-    """RssAnon / RssFile / VmRSS of a process in bytes (Linux /proc/PID/status); {} if unreadable."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "RssFile", "VmRSS"):
-                out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
+    """RssAnon / RssFile / VmRSS in bytes of a process and its descendants (the server and its engine
+    process), summed (Linux /proc/PID/status); {} if unreadable."""
+    out: dict[str, int] = {}
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "VmRSS"):
+                    out[key] = out.get(key, 0) + int(rest.split()[0]) * 1024
+        except OSError:
+            pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every descendant (Linux /proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
     return out
 
 

@@ -129,7 +129,7 @@ def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dic
     run_level(url, prompts[:2], min(8, args.output_len), 1, api_key=args.api_key)  # warm up
     pooled = {c: ([], 0.0) for c in levels}
     cache: dict[int, list[tuple[dict, dict]]] = {c: [] for c in levels}  # (before, after) per round
-    baseline = []
+    baseline, paired = [], []
     for r in range(args.rounds):
         if model is not None:
             baseline.append(_generate_per_token(model, prompts, args.output_len))
@@ -138,6 +138,8 @@ def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dic
                   "tokens ...", file=sys.stderr, flush=True)
             before = cache_totals(url, args.api_key)
             res, wall = run_level(url, prompts, args.output_len, c, api_key=args.api_key)
+            if c == 1 and baseline:  # paired with this round's generate(): the machine's drift cancels
+                paired.append(summarize(res, wall)["itl_s"]["median"] / baseline[-1])
             if before is not None:
                 cache[c].append((before, cache_totals(url, args.api_key)))
             pooled[c] = (pooled[c][0] + res, pooled[c][1] + wall)
@@ -150,6 +152,9 @@ def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dic
             b = {k: 0 for k in keys}
             a = {k: sum(x[k] - y[k] for y, x in cache[c]) for k in keys}
             s |= cache_figures(b, a, s["output_tokens"])
+        if c == 1 and paired:
+            s["itl_median_over_generate_rounds"] = paired
+            s["itl_median_over_generate"] = sorted(paired)[len(paired) // 2]
         out[c] = s
     return out, baseline
 
@@ -198,6 +203,10 @@ def table(name: str, levels: dict, info: dict, peak: dict | None) -> str:
         lines.append(f"params: total {p['total_params']:,} / active {p['active_params']:,} per token, {info.get('dtype')}")
     if info.get("generate_s_per_token_median"):
         lines.append(f"in-process generate(): {info['generate_s_per_token_median'] * 1e3:.2f} ms per token (median)")
+    if levels.get(1, {}).get("itl_median_over_generate"):
+        r = levels[1]["itl_median_over_generate_rounds"]
+        lines.append(f"c=1 ITL median / in-process generate(), paired by round: "
+                     f"{levels[1]['itl_median_over_generate']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in r)})")
     if peak:
         lines.append(f"server peak memory: RssAnon {peak['RssAnon'] / 2**20:.1f} MiB, RssFile "
                      f"{peak['RssFile'] / 2**20:.1f} MiB, VmRSS {peak['VmRSS'] / 2**20:.1f} MiB")

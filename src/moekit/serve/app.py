@@ -208,8 +208,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _ready(state: ServeState) -> Loaded:
-    if state.loaded is None:
-        raise ApiError(503, state.load_error or "the model is still loading", type_="server_error")
+    if state.loaded is None or state.loaded.engine.failure:
+        raise ApiError(503, state.load_error or (state.loaded and state.loaded.engine.failure)
+                       or "the model is still loading", type_="server_error")
     return state.loaded
 
 
@@ -224,9 +225,10 @@ def _add_info_routes(app: FastAPI, state: ServeState) -> None:
 
     @app.get("/health")
     async def health():
-        if state.loaded is None:
-            return JSONResponse({"status": "failed" if state.load_error else "loading",
-                                 "error": state.load_error}, status_code=503)
+        if state.loaded is None or state.loaded.engine.failure:
+            failed = state.load_error or (state.loaded and state.loaded.engine.failure)
+            return JSONResponse({"status": "failed" if failed else "loading", "error": failed or None},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moekit.infer.offload_flags import add_offload_args, offload_kwargs
 
-__all__ = ["build_parser", "load_engine", "main", "start_engine"]
+__all__ = ["build_parser", "load_engine", "load_engine_process", "main", "start_engine"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill chunks ride in the decode step's forward (decode rows padded) instead of a "
                         "forward of their own; rounds differently, so greedy output under concurrency matches "
                         "less often (default off)")
+    p.add_argument("--in-process", action="store_true",
+                   help="decode on a thread of the server's process instead of a process of its own; the HTTP "
+                        "side's Python then competes with decoding for one interpreter lock (default off)")
     p.add_argument("--no-metrics", action="store_true",
                    help="no request metrics, to measure what they cost (default off)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -70,25 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_engine(model_dir: str, metrics, *, dtype: str | None = None, threads: int | None = None,
                 offload: dict | None = None, trace: str | None = None, **engine_kw):
-    """Load DIR (``moekit.infer.load.load_for_inference``) and start an engine over it -> ``Loaded``.
-    ``threads`` None: ``moekit.infer.load.choose_decode_threads`` for the loaded model. ``offload``:
+    """Load DIR and start an engine over it in this process -> ``Loaded``. ``threads`` None:
+    ``moekit.infer.load.choose_decode_threads`` for the loaded model. ``offload``:
     ``moekit.infer.offload.load_offloaded``'s keywords (``expert_memory``, ``policy``, ...) to keep the
     routed experts on disk behind a cache; ``trace``: where to write its expert trace at shutdown."""
-    import torch
+    from moekit.serve.engine_process import open_model
 
-    from moekit.infer.load import choose_decode_threads, load_maybe_offloaded
-    from moekit.parallel.run_export import export_if_distributed
-
-    note = export_if_distributed(model_dir)  # a run trained on several processes: its DCP checkpoint
-    if note:
-        print(f"moekit serve: {note}", file=sys.stderr)
-    model, tok, om = load_maybe_offloaded(model_dir, offload, dtype, record_trace=trace is not None)
-    if tok is None:  # an offloaded HF directory without tokenizer.json (a resident load raises itself)
-        om.close()
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json; the server needs one to encode prompts")
-    torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))  # before the engine thread
-    print(f"moekit serve: {torch.get_num_threads()} intra-op thread(s)", file=sys.stderr, flush=True)
+    model, tok, om = open_model(model_dir, dtype, threads, offload, trace is not None)
     return start_engine(model, tok, model_dir, metrics, offloaded=om, trace=trace, **engine_kw)
+
+
+def load_engine_process(model_dir: str, metrics, *, dtype: str | None = None, threads: int | None = None,
+                        offload: dict | None = None, trace: str | None = None, **engine_kw):
+    """As :func:`load_engine`, with the model loaded and decoded in a child process
+    (``moekit.serve.engine_process``) -> ``Loaded``."""
+    from tokenizers import Tokenizer
+
+    from moekit.data import encode
+    from moekit.serve.app import Loaded
+    from moekit.serve.engine_process import EngineProcess, EngineSpec
+    from moekit.serve.text import ChatTemplate
+
+    spec = EngineSpec(model_dir, dtype, threads, offload, trace, engine_kw)
+    engine = EngineProcess(spec, metrics)
+    tok = Tokenizer.from_str(engine.info["tokenizer"])
+    return Loaded(engine, ChatTemplate.from_dir(model_dir), lambda text: encode(tok, text),
+                  lambda text: tok.encode(text, add_special_tokens=False).ids, engine.info["vocab_size"],
+                  engine.cache)
 
 
 def start_engine(model, tok, model_dir: str, metrics, *, offloaded=None, trace: str | None = None, **engine_kw):
@@ -130,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("moekit serve: error: the server needs its extra: pip install 'moekit[serve]'", file=sys.stderr)
         return 2
-    import torch
 
     from moekit.serve.app import ServeState, build_app
     from moekit.serve.metrics import ServeMetrics
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                        args.max_body_bytes)
 
     def load():
-        return load_engine(args.model_dir, None if args.no_metrics else metrics, max_batch=args.max_batch,
+        return (load_engine if args.in_process else load_engine_process)(args.model_dir, None if args.no_metrics else metrics, max_batch=args.max_batch,
                            deterministic=args.deterministic, dtype=args.dtype,
                            stats_interval=args.stats_interval, expert_window=args.expert_window,
                            prefill_chunk=args.prefill_chunk, mixed_prefill=args.mixed_prefill,

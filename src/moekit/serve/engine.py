@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,12 +95,10 @@ class Sequence:
     sink: Callable[[Event], None]
     text: StopText
     generator: torch.Generator
-    arrival: float = field(default_factory=time.perf_counter)
     cache: KVCache | None = None
     prefilled: int = 0  # prompt tokens in the cache
     pending: int | None = None  # sampled, not yet fed to the model
     out_ids: list[int] = field(default_factory=list)
-    last_token_time: float = 0.0
     aborted: bool = False
     done: bool = False
 
@@ -141,6 +138,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
         self.steps = 0
+        self.failure: str | None = None  # why the engine can serve no more (an EngineProcess whose child died)
 
     def _expert_load(self, window: int) -> tuple[ExpertLoad | None, RouterTap | None]:
         moe = getattr(self.model.config, "moe", None)
@@ -174,6 +172,8 @@ class Engine:
             raise ValueError(f"prompt tokens {len(prompt_ids)} + max_tokens {params.max_tokens} exceed the "
                              f"model's context of {self.max_seq_len} tokens")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        if self.metrics is not None:
+            sink = self.metrics.observer(sink, len(prompt_ids))
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
@@ -283,8 +283,6 @@ class Engine:
 
     def _prefilled(self, seq: Sequence, end: int, logits_1V: Tensor) -> None:
         """The prompt is in the cache up to ``end``; after its last token, the request starts decoding."""
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(end - seq.prefilled)
         seq.prefilled = end
         if end == len(seq.prompt_ids):  # moved, never in both lists (num_running is read from other threads)
             self._prefilling = [s for s in self._prefilling if s is not seq]
@@ -368,12 +366,6 @@ class Engine:
         """Sample the next token of one request and hand its text to the sink."""
         p = seq.params
         token = int(sample_next(logits_1V, p.temperature, p.top_k, p.top_p, seq.generator)[0])
-        now = time.perf_counter()
-        if self.metrics is not None:
-            (self.metrics.itl if seq.out_ids else self.metrics.ttft).observe(
-                now - (seq.last_token_time if seq.out_ids else seq.arrival))
-            self.metrics.generation_tokens.inc()
-        seq.last_token_time = now
         seq.out_ids.append(token)
         if self.eos_id is not None and token == self.eos_id and not p.ignore_eos:
             self._send(seq, Event("token", seq.text.flush(), token))
@@ -399,9 +391,6 @@ class Engine:
         if seq.done:
             return
         seq.done, seq.cache = True, None
-        if self.metrics is not None:
-            self.metrics.request_success.labels(reason).inc()
-            self.metrics.e2e.observe(time.perf_counter() - seq.arrival)
         ended = seq.out_ids and seq.out_ids[-1] == self.eos_id and not seq.params.ignore_eos
         n_out = len(seq.out_ids) - (1 if ended else 0)
         self._send(seq, Event("finish", finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
@@ -411,7 +400,5 @@ class Engine:
         if isinstance(error, Exception):
             log.error("request %d failed in the model: %r", seq.id, error, exc_info=error)
         seq.done, seq.cache = True, None
-        if self.metrics is not None:
-            self.metrics.request_failure.inc()
         msg = error if isinstance(error, str) else f"the model failed on this request: {type(error).__name__}: {error}"
         self._send(seq, Event("error", message=msg))

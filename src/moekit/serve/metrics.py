@@ -11,6 +11,7 @@ layer are read at scrape time too.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["ExpertLoad", "ServeMetrics"]
+__all__ = ["ExpertLoad", "RequestObserver", "ServeMetrics"]
 
 # Latency buckets (seconds): decode steps of a small CPU model are milliseconds, a long request seconds.
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
@@ -143,6 +144,10 @@ class ServeMetrics:
         self.e2e = Histogram("moekit:e2e_request_latency_seconds", "arrival to last token",
                              buckets=_REQUEST_BUCKETS, registry=reg)
 
+    def observer(self, sink, n_prompt: int) -> RequestObserver:
+        """``sink`` wrapped so that the request's events are observed on their way to it."""
+        return RequestObserver(self, n_prompt, sink)
+
     def watch_queue(self, depth) -> None:
         self.registry.register(_QueueCollector(depth))
 
@@ -152,3 +157,33 @@ class ServeMetrics:
     def watch_cache(self, stats) -> None:
         """Report an offloaded model's expert cache (``stats``: its ``OffloadedModel.stats``)."""
         self.registry.register(_CacheCollector(stats))
+
+
+class RequestObserver:
+    """One request's metrics, observed from its events (``kind`` "token" / "finish" / "error") as they reach
+    its sink: time to first token from the observer's creation (the request's submission), then the time
+    between tokens, the tokens, and how the request ended. Whichever process decodes, the numbers are
+    taken where the request's client is served."""
+
+    __slots__ = ("last", "metrics", "n_prompt", "sink", "start")
+
+    def __init__(self, metrics: ServeMetrics, n_prompt: int, sink):
+        self.metrics, self.n_prompt, self.sink = metrics, n_prompt, sink
+        self.start, self.last = time.perf_counter(), None
+
+    def __call__(self, ev) -> None:
+        now, m = time.perf_counter(), self.metrics
+        if ev.kind == "token":
+            if self.last is None:
+                m.ttft.observe(now - self.start)
+                m.prompt_tokens.inc(self.n_prompt)
+            else:
+                m.itl.observe(now - self.last)
+            self.last = now
+            m.generation_tokens.inc()
+        elif ev.kind == "finish":
+            m.request_success.labels(ev.finish_reason).inc()
+            m.e2e.observe(now - self.start)
+        elif ev.kind == "error":
+            m.request_failure.inc()
+        self.sink(ev)
