@@ -13,7 +13,8 @@ import time
 
 import torch
 
-__all__ = ["PeakRSS", "cached_bytes", "memory_bandwidth_gbps", "page_cache_bytes", "rss", "sequential_read_gbps"]
+__all__ = ["PeakRSS", "cached_bytes", "memory_bandwidth_gbps", "page_cache_bytes", "parse_budget", "rss",
+           "sequential_read_gbps"]
 
 
 def rss() -> dict[str, int]:
@@ -138,3 +139,15 @@ def cached_bytes(ranges: dict) -> int:
         finally:
             os.close(fd)
     return total
+
+
+def parse_budget(budget: int | str | None) -> int | str:
+    """``"all"`` -> "all"; ``0``/``"0"`` -> 0 (no cache); ``"2GiB"``, ``"500MB"``, ints -> bytes."""
+    from moekit.hf.common import parse_size
+
+    if isinstance(budget, str) and budget.strip().lower() == "all":
+        return "all"
+    try:
+        return parse_size(budget if isinstance(budget, int) else budget.strip())
+    except ValueError:
+        raise ValueError(f"expert memory {budget!r} must be a size like 2GiB or 500MB, 0 (no cache) or all") from None

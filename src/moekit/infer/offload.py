@@ -8,7 +8,7 @@ the same signature and runs the same kernel (``moekit.ops.grouped_ffn._sorted_fo
 inputs; only the weights come from :class:`ExpertCache` slots instead of one (E, H, D) tensor. So the
 outputs are bit-identical to the resident model's. A layer call:
 1. sorts its assignments by expert exactly as the fused op does, and asks the cache for the experts with
-   rows (pinned for the call; misses are queued on the loader thread at once, in expert order);
+   rows (pinned for the call; misses are queued on the loader threads at once, in expert order);
 2. lets the ``moekit.infer.prefetch.Prefetcher`` queue the experts the NEXT layer will most likely need (that layer's
    norm and router applied to the residual stream seen before this layer's FFN);
 3. runs the kernel; each expert's weights are waited for only when its GEMM starts, so loads overlap
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from moekit.functional.dispatch import loop_experts_reference
 from moekit.infer.cache import CacheCore, Trace, make_policy
+from moekit.infer.memory import parse_budget
 from moekit.infer.store import ExpertStore
 from moekit.ops.expert_threads import for_each_expert, use_expert_threads
 from moekit.ops.grouped_ffn import FEW_ASSIGNMENTS, _act, _few_rows_forward, _plan, _sorted_forward
@@ -46,18 +47,7 @@ __all__ = ["ExpertCache", "OffloadedExperts", "OffloadedModel", "load_offloaded"
 # modulo the page size (memory-mapped runs) or modulo 64 (copied tensors, whose allocations are 64-aligned).
 _ALIGN = 4096
 _COPY_ALIGN = 64
-
-
-def parse_budget(budget: int | str | None) -> int | str:
-    """``"all"`` -> "all"; ``0``/``"0"`` -> 0 (no cache); ``"2GiB"``, ``"500MB"``, ints -> bytes."""
-    from moekit.hf.common import parse_size
-
-    if isinstance(budget, str) and budget.strip().lower() == "all":
-        return "all"
-    try:
-        return parse_size(budget if isinstance(budget, int) else budget.strip())
-    except ValueError:
-        raise ValueError(f"expert memory {budget!r} must be a size like 2GiB or 500MB, 0 (no cache) or all") from None
+LOADERS = 2  # reader threads: two reads in flight gave 9-17% more tokens/s offloaded here (virtual disk)
 
 
 @dataclass
@@ -72,8 +62,8 @@ class _Entry:
 
 class ExpertCache:
     """Expert weights in ``capacity`` preallocated slots over an :class:`ExpertStore`, decided by a
-    :class:`moekit.infer.cache.CacheCore`; loads run on one background thread (``os.preadv`` releases the
-    GIL). Every decision is recorded in ``trace``; ``stats()`` gives per-layer counts and times."""
+    :class:`moekit.infer.cache.CacheCore`; loads run on ``LOADERS`` background threads (``os.preadv``
+    releases the GIL). Every decision is recorded in ``trace``; ``stats()`` gives per-layer counts and times."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = "lru", *, retain: bool = True,
                  dtype: torch.dtype | None = None):
@@ -98,14 +88,17 @@ class ExpertCache:
         self._views: list[dict[str, Tensor]] = []
         self._free: list[int] = []
         self._entries: dict[tuple[int, int], _Entry] = {}
-        self._staging = torch.empty(max(x.nbytes for x in first.values()), dtype=torch.uint8)
-        # one loader thread; demand loads jump the queue ahead of prefetches (I/O order only: the
+        self._staging_bytes, self._local = max(x.nbytes for x in first.values()), threading.local()
+        # the loader threads; demand loads jump the queue ahead of prefetches (I/O order only: the
         # decisions, and so the trace, do not depend on it)
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._io_lock = threading.Lock()
         self._seq = itertools.count()
-        self._loader = threading.Thread(target=self._load_loop, daemon=True, name="moekit-expert-load")
-        self._loader.start()
+        # several readers keep more than one request in flight: a virtual disk serves them in parallel
+        self._loaders = [threading.Thread(target=self._load_loop, daemon=True, name=f"moekit-expert-load-{i}")
+                         for i in range(LOADERS)]
+        for t in self._loaders:
+            t.start()
         self.trace = Trace(capacity, policy, retain, self.expert_bytes)
         self.layer_stats: dict[int, dict[str, float]] = {}
         self.predicted: dict[int, set[int]] = {}
@@ -125,7 +118,9 @@ class ExpertCache:
 
     def _fill(self, key: tuple[int, int], views: dict[str, Tensor]) -> int:
         """Read expert ``key`` into its slot's views; returns the bytes read."""
-        return self.store.read(key[0], key[1], views, self._staging)
+        if not hasattr(self._local, "staging"):  # one per loader thread
+            self._local.staging = torch.empty(self._staging_bytes, dtype=torch.uint8)
+        return self.store.read(key[0], key[1], views, self._local.staging)
 
     def _new_slot(self) -> int:
         # a normal tensor even when the first call runs in inference mode: the loader thread and later
@@ -154,7 +149,8 @@ class ExpertCache:
     def _read(self, key: tuple[int, int], entry: _Entry) -> None:
         try:
             n = self._fill(key, self._views[entry.slot])
-            self._stat(key[0])["bytes_read"] += n
+            with self._io_lock:
+                self._stat(key[0])["bytes_read"] += n
         except BaseException as e:  # noqa: BLE001 - handed to the waiting layer call
             entry.error = e
         finally:
@@ -267,8 +263,10 @@ class ExpertCache:
 
     def close(self) -> None:
         self.drain()
-        self._queue.put((2, next(self._seq), None, None))
-        self._loader.join()
+        for t in self._loaders:
+            self._queue.put((2, next(self._seq), None, None))
+        for t in self._loaders:
+            t.join()
         self.store.close()
 
 
