@@ -115,3 +115,22 @@ def test_belady_policy_alone():
         hits.append(core.access(k)[0])
         core.end_group(0)
     assert hits == [False, False, True, False, True, False]
+
+
+def test_lru_evicts_an_unused_prefetch_first():
+    """3 slots: experts 1, 2 used; a prefetch of 5 for layer 1 guesses wrong (layer 1 uses 6). Once layer 1's
+    call is over, the next miss evicts the wrong guess, not 2 (older, but really used); a right guess
+    counts as recently used from its use on."""
+    core = CacheCore(3, LRU())
+    for e in (1, 2):
+        core.access((0, e))
+        core.end_group(0)
+    assert core.prefetch((1, 5)) == (True, None)
+    assert core.access((1, 6)) == (False, (0, 1))  # the guess is held through its layer's call
+    core.end_group(1)
+    assert core.access((0, 9)) == (False, (1, 5))  # plain LRU would have evicted (0, 2)
+    core.end_group(0)
+    assert core.prefetch((1, 7)) == (True, (0, 2))
+    assert core.access((1, 7)) == (True, None)
+    core.end_group(1)
+    assert core.access((0, 3)) == (False, (1, 6))  # 7, used after 6, stays

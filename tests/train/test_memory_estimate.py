@@ -12,10 +12,10 @@ from moekit.config import TrainConfig
 from moekit.train.memory import available_bytes, estimate_training_memory
 
 _PROBE = textwrap.dedent("""
-    import json, resource, torch
+    import json, torch
     from moekit.cli.train import default_model_config
     from moekit.config import TrainConfig
-    from moekit.infer.memory import rss
+    from moekit.infer.memory import PeakRSS, rss
     from moekit.nn.transformer import MoETransformer
     from moekit.train.loop import build_optimizer
     torch.set_num_threads(1)
@@ -26,8 +26,9 @@ _PROBE = textwrap.dedent("""
     out = model(x[:1, :8], labels=x[:1, :8]); (out.loss + out.aux_loss).backward()
     opt.zero_grad(set_to_none=True)  # code paths warm, no gradients held
     weights = rss()["anon"]
-    out = model(x, labels=x); (out.loss + out.aux_loss).backward(); opt.step()
-    print(json.dumps({"peak_over_weights": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - weights}))
+    with PeakRSS(0.002) as peak:  # anonymous memory only: the mapped libraries' pages vary from run to run
+        out = model(x, labels=x); (out.loss + out.aux_loss).backward(); opt.step()
+    print(json.dumps({"peak_over_weights": peak.peak_anon - weights}))
 """)
 
 

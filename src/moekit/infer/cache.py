@@ -50,9 +50,15 @@ class Policy(abc.ABC):
 
 
 class LRU(Policy):
-    """Least recently used (a prefetch counts as a use)."""
+    """Least recently used. A prefetched entry goes in at the cold end: it is a guess, so until its layer
+    uses it (which moves it to the front) it is the first to go, and a wrong guess never displaces an
+    expert that was really used."""
 
     name = "lru"
+
+    def on_insert(self, key: Key, prefetch: bool) -> None:
+        self.t += 1
+        self.last[key] = -self.t if prefetch else self.t
 
     def victim(self, candidates: list[Key]) -> Key:
         return min(candidates, key=lambda k: self.last[k])
