@@ -144,3 +144,22 @@ def test_a_dead_engine_process_fails_in_flight_requests_and_health(run_dir):
         assert r.status_code == 503 and "exited unexpectedly" in r.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_offloaded_engine_process_reports_its_cache_and_writes_the_trace(run_dir, tmp_path):
+    from moekit.infer.cache import Trace, replay
+
+    trace = tmp_path / "trace.json"
+    offload = {"expert_memory": "all", "policy": "lfu", "prefetch": True, "read": "pread"}
+    srv = LiveServer(lambda metrics: load_engine_process(str(run_dir), metrics, threads=1, offload=offload,
+                                                         trace=str(trace)))
+    try:
+        srv.wait_ready(60)
+        _complete(srv.url, list(range(30, 45)), 6)
+        cache = httpx.get(f"{srv.url}/v1/experts/stats", timeout=10).json()["cache"]
+        hits = sum(v for (name, _), v in _values(srv.url).items() if name == "moekit:expert_cache_hits_total")
+    finally:
+        srv.stop()
+    assert cache["accesses"] > 0 and hits == cache["hits"]
+    t = Trace.load(trace)  # written by the engine process as it stopped
+    assert len(t.accesses()) == cache["accesses"] and replay(t, "lfu")["hits"] == cache["hits"]
