@@ -1,8 +1,10 @@
 """Experts offloaded from checkpoints that transformers itself wrote with fused expert tensors: GraniteMoE and
-JetMoE (``input_linear`` (E, 2H, D), ``output_linear`` (E, D, H)) and DBRX (``w1`` / ``v1`` / ``w2`` as
-(E·H, D), ``w2`` holding each expert's down matrix transposed). Offloaded == resident bit for bit (tokens
-and logits; budgets top-k, 0 and all; LRU and LFU; prefetch on and off; pread and mmap), and both close to
-transformers' own logits. gpt-oss's interleaved, biased experts are refused with what to do instead."""
+JetMoE (``input_linear`` (E, 2H, D), ``output_linear`` (E, D, H)), DBRX (``w1`` / ``v1`` / ``w2`` as
+(E·H, D), ``w2`` holding each expert's down matrix transposed) and gpt-oss (``gate_up_proj`` (E, D, 2H) with
+gate and up in alternate columns, ``down_proj`` (E, H, D), biases kept resident, the clamped SwiGLU).
+Offloaded == resident bit for bit (tokens and logits; budgets top-k, 0 and all; LRU and LFU; prefetch on
+and off; pread and mmap), and both close to transformers' own logits. MXFP4 experts are refused with
+what to do instead."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from moekit.infer.generate import generate
 from moekit.infer.offload import load_offloaded
 from moekit.infer.store import StoreError
 
-FUSED = ("granitemoe", "jetmoe", "dbrx")
+FUSED = ("granitemoe", "jetmoe", "dbrx", "gpt_oss")
 NEW = 6
 
 
@@ -100,9 +102,27 @@ def test_truncated_dbrx_w2_named_at_load(tmp_path):
     assert str(shard) in str(err.value) and "truncated" in str(err.value)
 
 
-def test_interleaved_biased_experts_refused(tmp_path):
-    _build("gpt_oss", tmp_path)
+def test_mxfp4_experts_refused(tmp_path):
+    from test_gpt_oss_mxfp4 import CONFIG, _quantize_checkpoint
+
+    build_hf(transformers.GptOssConfig(**CONFIG), tmp_path / "fp32")
+    _quantize_checkpoint(tmp_path / "fp32", tmp_path / "mxfp4")
     with pytest.raises(ValueError) as err:
-        load_offloaded(tmp_path, "all")
+        load_offloaded(tmp_path / "mxfp4", "all")
     msg = str(err.value)
-    assert "gpt_oss" in msg and "load it whole" in msg
+    assert "MXFP4" in msg and "load it whole" in msg
+
+
+def test_gpt_oss_reads_each_interleaved_row_once(fused_ckpt):
+    """gate and up of a gpt-oss expert share one (D, 2H) row of the file: it is read once, so an expert
+    costs its weights' bytes, as for every other layout."""
+    case, path, _, _ = fused_ckpt
+    om = load_offloaded(path, 0)
+    try:
+        ids, mask = batch(COMMON["vocab_size"], 1)
+        with torch.no_grad():
+            om.model(ids[:, -1:])
+        st = om.stats()
+    finally:
+        om.close()
+    assert st["bytes_read"] == (st["misses"] + st["prefetched"]) * st["expert_bytes"] > 0, case

@@ -72,14 +72,17 @@ Entry = tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]  # (HF na
 class ExpertRows:
     """Where each expert's matrices lie in a layer's fused expert tensors (names relative to the HF layer
     prefix), for readers that fetch one expert at a time (``moekit.infer.store``): ``gate_up`` (E, 2H, D),
-    gate rows first, or ``gate`` and ``up`` (E·H, D); ``down`` (E, D, H), or with ``down_transposed``
-    (E·H, D), each expert's rows the transpose of its down matrix."""
+    gate rows first, or ``gate_up_interleaved`` (E, D, 2H), (in, out) with gate and up alternating in the
+    last dim (gpt-oss), or ``gate`` and ``up`` (E·H, D); ``down`` (E, D, H), or with ``down_transposed``
+    each expert's (H, D) transpose. ``flat``: the tensors are 2-D (E·H, D), expert e's rows [eH, (e+1)H)."""
 
     down: str
     gate_up: str | None = None
+    gate_up_interleaved: str | None = None
     gate: str | None = None
     up: str | None = None
     down_transposed: bool = False
+    flat: bool = False
 
 
 @dataclass(frozen=True)

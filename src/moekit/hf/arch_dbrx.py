@@ -140,7 +140,7 @@ def _expert_entries(layer: str, t: dict[str, Tensor], hf: dict[str, Any]) -> lis
 
 
 # one expert's w1 / v1 rows are its gate / up; its w2 rows are its down matrix transposed
-_ROWS = ExpertRows(_MLP + "w2", gate=_MLP + "w1", up=_MLP + "v1", down_transposed=True)
+_ROWS = ExpertRows(_MLP + "w2", gate=_MLP + "w1", up=_MLP + "v1", down_transposed=True, flat=True)
 
 ADAPTER = Adapter(
     model_type="dbrx",

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.hf.adapter import Adapter, Entry, ExpertNames, FusedIO
+from moekit.hf.adapter import Adapter, Entry, ExpertNames, ExpertRows, FusedIO
 from moekit.hf.fields import Fields, common_hf, export_errors, moe_layers, refuse
 from moekit.hf.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
@@ -214,6 +214,9 @@ ADAPTER = Adapter(
     from_moekit=from_moekit,
     renames=(("ffn.router.", "{moe}router."),),
     experts=ExpertNames(prefix="mlp."),
-    fused=(FusedIO(_SUFFIXES, _source, _entries),),
+    # bf16 / fp32 checkpoints: one expert's gate_up row holds its gate and up (alternate columns), its
+    # down_proj row the transpose of its down matrix (MXFP4 blocks are not offloaded)
+    fused=(FusedIO(_SUFFIXES, _source, _entries, ExpertRows(EXPERTS + "down_proj", down_transposed=True,
+                                                           gate_up_interleaved=EXPERTS + "gate_up_proj")),),
     passthrough=("quantization_config",),  # a model loaded from MXFP4 is saved as MXFP4
 )

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from moekit.infer.offload import ExpertCache, OffloadedExperts, OffloadedModel
+from moekit.infer.offload_biased import OffloadedBiasedExperts
 from moekit.infer.prefetch import Prefetcher
 from moekit.infer.store import ExpertStore, StoreError
+from moekit.nn.biased_experts import BiasedExperts
 from moekit.rundir import TOKENIZER_FILE
 
 __all__ = ["build_offloaded", "min_budget"]
@@ -93,15 +95,14 @@ def _expert_rows(adapter):
     return None if io is None else io.rows
 
 
-def _refuse_unsupported(path: Path, cfg, hf: dict | None, adapter) -> None:
-    m = cfg.moe
+def _refuse_unsupported(path: Path, cfg, hf: dict | None, adapter, names: set[str]) -> None:
     fused = adapter is not None and adapter.fused_io("ffn.experts.w_up") is not None
-    if m.expert_ffn_bias or m.swiglu_limit is not None or (fused and _expert_rows(adapter) is None):
-        raise ValueError(
-            f"{path}: expert offloading holds SwiGLU expert matrices without biases, each one byte range of "
-            f"the checkpoint; {hf.get('model_type') if hf else 'this model'}'s experts (biased, clamped or "
-            "interleaved) are not supported: load it whole"
-        )
+    if fused and _expert_rows(adapter) is None:
+        raise ValueError(f"{path}: {hf.get('model_type')}'s fused expert tensors cannot be read one expert at a "
+                         "time; expert offloading does not support them: load it whole")
+    if any(n.endswith("_blocks") and ".experts." in n for n in names):
+        raise ValueError(f"{path}: MXFP4 expert blocks are not offloaded (only bf16 / fp32 experts); load it "
+                         "whole, or offload a bf16 copy (`moekit convert --dtype bfloat16`)")
 
 
 def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, read: str,
@@ -112,14 +113,14 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
 
     # 1. config
     cfg, hf, adapter = _read_config(path)
-    _refuse_unsupported(path, cfg, hf, adapter)
+    from moekit.infer.store import _weight_files
+
+    _refuse_unsupported(path, cfg, hf, adapter, set(_weight_files(path)))
     want = parse_dtype(dtype)
     # 2. the store (validates every expert extent)
     if adapter is None:
         store = ExpertStore(path, _layers(cfg), layout="moekit", read=read)
     else:
-        from moekit.infer.store import _weight_files
-
         prefix = _moe_prefix(adapter, set(_weight_files(path)))
         names = {"gate": adapter.experts.gate, "up": adapter.experts.up, "down": adapter.experts.down}
         store = ExpertStore(path, _layers(cfg), layout="hf", moe_prefix=prefix, names=names, read=read,
@@ -142,7 +143,8 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
 
     # 4. the model: non-expert tensors filled, experts left meta, then swapped
     def fill(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        experts = {k: t for k, t in meta.items() if ".ffn.experts." in k}
+        # the routed experts' matrices stay on disk; biased experts' biases (small) are resident
+        experts = {k: t for k, t in meta.items() if ".ffn.experts." in k and not k.endswith("_bias")}
         rest = {k: t for k, t in meta.items() if k not in experts}
         if adapter is not None:
             state = load_state(adapter, cfg, hf, visible, rest, expert_dtype)
@@ -160,11 +162,7 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
         return {**state, **experts}
 
     model = materialise(cfg, fill)
-    for b in model.layers:
-        if b.is_moe:
-            m = b.ffn.cfg
-            b.ffn.experts = OffloadedExperts(b.idx, cache, m.num_experts, cfg.d_model, m.d_hidden, m.activation,
-                                             m.expert_impl)
+    _swap_experts(model, cache)
     if hf is not None:
         model.hf_config = hf
     on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
@@ -173,6 +171,17 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
     non_expert = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     pre = Prefetcher(model, cache, predictor=predictor) if prefetch else None
     return OffloadedModel(model, _tokenizer(path, adapter is None), cache, pre, path, non_expert)
+
+
+def _swap_experts(model, cache: ExpertCache) -> None:
+    """Each MoE layer's experts replaced by their offloaded twin (biased ones keep their biases)."""
+    for b in model.layers:
+        if b.is_moe and isinstance(b.ffn.experts, BiasedExperts):
+            b.ffn.experts = OffloadedBiasedExperts(b.idx, cache, b.ffn.experts)
+        elif b.is_moe:
+            m = b.ffn.cfg
+            b.ffn.experts = OffloadedExperts(b.idx, cache, m.num_experts, model.config.d_model, m.d_hidden,
+                                             m.activation, m.expert_impl)
 
 
 def _tokenizer(path: Path, moekit_dir: bool):

@@ -30,7 +30,7 @@ import json
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,20 @@ class Extent:
     part: int | None = None
     transposed: bool = False
     flat: bool = False
+    columns: int | None = None  # 0/1: the even/odd columns of an interleaved (D, 2H) row, transposed
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
+        if self.columns is not None:
+            return (self.shape[1], 2 * self.shape[0])
         return self.shape[::-1] if self.transposed else self.shape
+
+    def place(self, raw: Tensor) -> Tensor:
+        """The matrix from its stored bytes' tensor (``stored_shape``): a view, maybe strided."""
+        if self.columns is not None:
+            D, H2 = raw.shape
+            return raw.view(D, H2 // 2, 2)[:, :, self.columns].t()
+        return raw.t() if self.transposed else raw
 
 
 def safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -215,12 +225,16 @@ class ExpertStore:
     def _locate_fused(self, layer: str, which: str, E: int, shape) -> list[Extent]:
         r = self._expert_rows
         if which == "w_down":
-            if r.down_transposed:  # (E·H, D): expert e's (H, D) rows, the transpose of its (D, H) down
-                return self._rows(layer + r.down, E, shape[::-1], flat=True, transposed=True)
-            return self._rows(layer + r.down, E, shape)
+            if r.down_transposed:  # expert e's (H, D) rows, the transpose of its (D, H) down
+                return self._rows(layer + r.down, E, shape[::-1], flat=r.flat, transposed=True)
+            return self._rows(layer + r.down, E, shape, flat=r.flat)
         if r.gate_up is not None:
             return self._rows(layer + r.gate_up, E, (2 * shape[0], shape[1]), split=int(which == "w_up"))
-        return self._rows(layer + (r.gate if which == "w_gate" else r.up), E, shape, flat=True)
+        if r.gate_up_interleaved is not None:  # one (D, 2H) row holds both: read once (see read)
+            H, D = shape
+            rows = self._rows(layer + r.gate_up_interleaved, E, (D, 2 * H))
+            return [replace(x, shape=shape, columns=int(which == "w_up")) for x in rows]
+        return self._rows(layer + (r.gate if which == "w_gate" else r.up), E, shape, flat=r.flat)
 
     # -- sizes ----------------------------------------------------------------------------------------
     def expert_nbytes(self, dtype: torch.dtype | None = None) -> int:
@@ -237,19 +251,23 @@ class ExpertStore:
         """Fill ``out[which]`` (preallocated, shape of the matrix, any float dtype) with expert ``expert``
         of MoE block ``layer``; returns the bytes read from the file. ``staging``: a uint8 buffer of at
         least one matrix's stored size, used when ``out``'s dtype differs from the stored one."""
-        n = 0
+        n, held = 0, None  # held: the byte range now in ``raw`` (gate and up of one interleaved row)
         for which, ext in self.extents[(layer, expert)].items():
             dst = out[which]
+            direct = ext.columns is None and not ext.transposed
             if self.read_mode == "mmap":
-                t = self._read_mmap(ext)
-                dst.copy_(t.t() if ext.transposed else t)
-            elif dst.dtype == ext.dtype and dst.is_contiguous() and not ext.transposed:
+                dst.copy_(ext.place(self._read_mmap(ext)))
+            elif dst.dtype == ext.dtype and dst.is_contiguous() and direct:
                 self._pread(ext, dst.view(-1).view(torch.uint8))
             else:
-                raw = staging[: ext.nbytes] if staging is not None else torch.empty(ext.nbytes, dtype=torch.uint8)
-                self._pread(ext, raw)
-                src = raw.view(ext.dtype).view(ext.stored_shape)
-                dst.copy_(src.t() if ext.transposed else src)  # the same cast (and transpose) as a resident load
+                if held != (ext.file, ext.offset, ext.nbytes):
+                    raw = staging[: ext.nbytes] if staging is not None else torch.empty(ext.nbytes, dtype=torch.uint8)
+                    self._pread(ext, raw)
+                    held = (ext.file, ext.offset, ext.nbytes)
+                else:
+                    n -= ext.nbytes  # the same bytes, read once
+                # the same cast (and transpose or column pick) as a resident load
+                dst.copy_(ext.place(raw.view(ext.dtype).view(ext.stored_shape)))
             n += ext.nbytes
         with self._lock:
             self.bytes_read += n

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from moekit.nn.init import init_weights_
 
-__all__ = ["BiasedExperts", "clamped_swiglu"]
+__all__ = ["BiasedExperts", "add_expert", "clamped_swiglu"]
 
 
 def clamped_swiglu(g_nH: Tensor, u_nH: Tensor, alpha: float, limit: float) -> Tensor:
@@ -52,24 +52,31 @@ class BiasedExperts(nn.Module):
         """:func:`moekit.nn.init.init_weights_` (the biases start at 0)."""
         init_weights_(self, std, out_std)
 
-    def _expert(self, e: int, x_nD: Tensor) -> Tensor:
-        g_nH, u_nH = x_nD @ self.w_gate[e].t(), x_nD @ self.w_up[e].t()
-        if self.gate_bias is not None:
-            g_nH, u_nH = g_nH + self.gate_bias[e], u_nH + self.up_bias[e]
-        h_nH = F.silu(g_nH) * u_nH if self.limit is None else clamped_swiglu(g_nH, u_nH, self.alpha, self.limit)
-        y_nD = h_nH @ self.w_down[e].t()
-        return y_nD if self.down_bias is None else y_nD + self.down_bias[e]
-
     def forward(self, x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor) -> Tensor:
         """Weighted sum over each token's assignments of its experts' outputs, (T, D); ``expert_A == E``
         marks a dropped assignment (skipped)."""
         out_TD = torch.zeros_like(x_TD)
         for e in expert_A[expert_A < self.num_experts].unique().tolist():
-            sel_A = expert_A == e
-            tok_n = token_A[sel_A]
-            y_nD = self._expert(e, x_TD[tok_n])
-            out_TD = out_TD.index_add(0, tok_n, y_nD * weight_A[sel_A].unsqueeze(1).to(y_nD.dtype))
+            out_TD = add_expert(self, e, out_TD, x_TD, token_A, expert_A, weight_A)
         return out_TD
+
+
+def add_expert(bank, e: int, out_TD: Tensor, x_TD: Tensor, token_A: Tensor, expert_A: Tensor,
+               weight_A: Tensor) -> Tensor:
+    """``out_TD`` plus expert ``e``'s weighted outputs on its assigned tokens. ``bank``: anything with
+    BiasedExperts' ``w_gate`` / ``w_up`` / ``w_down`` (indexed by expert), biases, ``limit`` and ``alpha``
+    (the offloaded experts pass slot weights: the same arithmetic, so the same bits)."""
+    sel_A = expert_A == e
+    tok_n = token_A[sel_A]
+    x_nD = x_TD[tok_n]
+    g_nH, u_nH = x_nD @ bank.w_gate[e].t(), x_nD @ bank.w_up[e].t()
+    if bank.gate_bias is not None:
+        g_nH, u_nH = g_nH + bank.gate_bias[e], u_nH + bank.up_bias[e]
+    h_nH = F.silu(g_nH) * u_nH if bank.limit is None else clamped_swiglu(g_nH, u_nH, bank.alpha, bank.limit)
+    y_nD = h_nH @ bank.w_down[e].t()
+    if bank.down_bias is not None:
+        y_nD = y_nD + bank.down_bias[e]
+    return out_TD.index_add(0, tok_n, y_nD * weight_A[sel_A].unsqueeze(1).to(y_nD.dtype))
 
     def extra_repr(self) -> str:
         E, H, D = self.w_up.shape
