@@ -88,7 +88,7 @@ class ExpertCache:
         self._views: list[dict[str, Tensor]] = []
         self._free: list[int] = []
         self._entries: dict[tuple[int, int], _Entry] = {}
-        self._staging_bytes, self._local = max(x.nbytes for x in first.values()), threading.local()
+        self._staging_bytes, self._local = max(x.total_nbytes for x in first.values()), threading.local()
         # the loader threads; demand loads jump the queue ahead of prefetches (I/O order only: the
         # decisions, and so the trace, do not depend on it)
         self._queue: queue.PriorityQueue = queue.PriorityQueue()

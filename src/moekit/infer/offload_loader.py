@@ -95,14 +95,12 @@ def _expert_rows(adapter):
     return None if io is None else io.rows
 
 
-def _refuse_unsupported(path: Path, cfg, hf: dict | None, adapter, names: set[str]) -> None:
+def _refuse_unsupported(path: Path, hf: dict | None, adapter) -> None:
     fused = adapter is not None and adapter.fused_io("ffn.experts.w_up") is not None
     if fused and _expert_rows(adapter) is None:
         raise ValueError(f"{path}: {hf.get('model_type')}'s fused expert tensors cannot be read one expert at a "
                          "time; expert offloading does not support them: load it whole")
-    if any(n.endswith("_blocks") and ".experts." in n for n in names):
-        raise ValueError(f"{path}: MXFP4 expert blocks are not offloaded (only bf16 / fp32 experts); load it "
-                         "whole, or offload a bf16 copy (`moekit convert --dtype bfloat16`)")
+
 
 
 def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, read: str,
@@ -113,14 +111,14 @@ def build_offloaded(path: Path, budget: int | str, policy: str, prefetch: bool, 
 
     # 1. config
     cfg, hf, adapter = _read_config(path)
-    from moekit.infer.store import _weight_files
-
-    _refuse_unsupported(path, cfg, hf, adapter, set(_weight_files(path)))
+    _refuse_unsupported(path, hf, adapter)
     want = parse_dtype(dtype)
     # 2. the store (validates every expert extent)
     if adapter is None:
         store = ExpertStore(path, _layers(cfg), layout="moekit", read=read)
     else:
+        from moekit.infer.store import _weight_files
+
         prefix = _moe_prefix(adapter, set(_weight_files(path)))
         names = {"gate": adapter.experts.gate, "up": adapter.experts.up, "down": adapter.experts.down}
         store = ExpertStore(path, _layers(cfg), layout="hf", moe_prefix=prefix, names=names, read=read,

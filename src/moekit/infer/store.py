@@ -70,9 +70,19 @@ class Extent:
     transposed: bool = False
     flat: bool = False
     columns: int | None = None  # 0/1: the even/odd columns of an interleaved (D, 2H) row, transposed
+    # MXFP4 (gpt-oss): these bytes are the matrix's (rows, groups, 16) blocks, ``scales`` its (rows, groups)
+    # scales; ``mx_pick`` 0/1 takes the even/odd rows of an interleaved gate_up row
+    scales: Extent | None = None
+    mx_pick: int | None = None
+
+    @property
+    def total_nbytes(self) -> int:
+        return self.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
+        if self.scales is not None:
+            return (*self.scales.shape, 16)
         if self.columns is not None:
             return (self.shape[1], 2 * self.shape[0])
         return self.shape[::-1] if self.transposed else self.shape
@@ -222,14 +232,27 @@ class ExpertStore:
             out.append(Extent(file, name, start, end - start, shape, dtype))
         return out
 
+    def _locate_mxfp4(self, name: str, E: int, shape, pick: int | None) -> list[Extent]:
+        """Expert e's blocks row (R, G, 16) and scales row (R, G) of an (out, in) MXFP4 matrix; with ``pick``
+        the gate (even) or up (odd) rows of an interleaved gate_up one (R = 2H)."""
+        rows, cols = (2 * shape[0] if pick is not None else shape[0]), shape[1]
+        u8 = {"U8": torch.uint8}
+        blocks = self._rows(name + "_blocks", E, (rows, cols // 32, 16), dtypes=u8)
+        scales = self._rows(name + "_scales", E, (rows, cols // 32), dtypes=u8)
+        return [replace(b, shape=shape, scales=s, mx_pick=pick) for b, s in zip(blocks, scales)]
+
     def _locate_fused(self, layer: str, which: str, E: int, shape) -> list[Extent]:
         r = self._expert_rows
+        if which == "w_down" and r.gate_up_interleaved is not None and layer + r.down + "_blocks" in self._files:
+            return self._locate_mxfp4(layer + r.down, E, shape, None)
         if which == "w_down":
             if r.down_transposed:  # expert e's (H, D) rows, the transpose of its (D, H) down
                 return self._rows(layer + r.down, E, shape[::-1], flat=r.flat, transposed=True)
             return self._rows(layer + r.down, E, shape, flat=r.flat)
         if r.gate_up is not None:
             return self._rows(layer + r.gate_up, E, (2 * shape[0], shape[1]), split=int(which == "w_up"))
+        if r.gate_up_interleaved is not None and layer + r.gate_up_interleaved + "_blocks" in self._files:
+            return self._locate_mxfp4(layer + r.gate_up_interleaved, E, shape, int(which == "w_up"))
         if r.gate_up_interleaved is not None:  # one (D, 2H) row holds both: read once (see read)
             H, D = shape
             rows = self._rows(layer + r.gate_up_interleaved, E, (D, 2 * H))
@@ -251,27 +274,46 @@ class ExpertStore:
         """Fill ``out[which]`` (preallocated, shape of the matrix, any float dtype) with expert ``expert``
         of MoE block ``layer``; returns the bytes read from the file. ``staging``: a uint8 buffer of at
         least one matrix's stored size, used when ``out``'s dtype differs from the stored one."""
-        n, held = 0, None  # held: the byte range now in ``raw`` (gate and up of one interleaved row)
+        n, held, raw = 0, None, None  # held: the extent whose bytes are in ``raw`` (gate and up share a row)
         for which, ext in self.extents[(layer, expert)].items():
             dst = out[which]
-            direct = ext.columns is None and not ext.transposed
-            if self.read_mode == "mmap":
-                dst.copy_(ext.place(self._read_mmap(ext)))
-            elif dst.dtype == ext.dtype and dst.is_contiguous() and direct:
+            direct = ext.columns is None and not ext.transposed and ext.scales is None
+            if self.read_mode == "pread" and dst.dtype == ext.dtype and dst.is_contiguous() and direct:
                 self._pread(ext, dst.view(-1).view(torch.uint8))
-            else:
-                if held != (ext.file, ext.offset, ext.nbytes):
-                    raw = staging[: ext.nbytes] if staging is not None else torch.empty(ext.nbytes, dtype=torch.uint8)
-                    self._pread(ext, raw)
-                    held = (ext.file, ext.offset, ext.nbytes)
-                else:
-                    n -= ext.nbytes  # the same bytes, read once
-                # the same cast (and transpose or column pick) as a resident load
-                dst.copy_(ext.place(raw.view(ext.dtype).view(ext.stored_shape)))
-            n += ext.nbytes
+                n += ext.nbytes
+                continue
+            if held is None or (held.file, held.offset) != (ext.file, ext.offset):
+                raw, held = self._stored(ext, staging), ext
+                n += ext.total_nbytes
+            if ext.scales is not None:  # dequantized as the resident MXFP4 load does it
+                from moekit.hf.mxfp4 import dequantize_mxfp4
+
+                blocks, scales = raw
+                if ext.mx_pick is not None:
+                    blocks, scales = (t.unfold(0, 2, 2).select(-1, ext.mx_pick) for t in (blocks, scales))
+                dequantize_mxfp4(blocks, scales, out=dst)
+            else:  # the same cast (and transpose or column pick) as a resident load
+                dst.copy_(ext.place(raw))
         with self._lock:
             self.bytes_read += n
         return n
+
+    def _stored(self, ext: Extent, staging: Tensor | None) -> Any:
+        """The extent's stored tensor (``stored_shape``), or (blocks, scales) of an MXFP4 one, read through
+        ``staging`` (pread) or memory-mapped."""
+        if self.read_mode == "mmap":
+            t = self._read_mmap(ext)
+            return (t, self._read_mmap(ext.scales)) if ext.scales is not None else t
+        if staging is None or staging.numel() < ext.total_nbytes:
+            staging = torch.empty(ext.total_nbytes, dtype=torch.uint8)
+        raw = staging[: ext.nbytes]
+        self._pread(ext, raw)
+        t = raw.view(ext.dtype).view(ext.stored_shape)
+        if ext.scales is None:
+            return t
+        sc = staging[ext.nbytes : ext.total_nbytes]
+        self._pread(ext.scales, sc)
+        return t, sc.view(ext.scales.shape)
 
     def _fd(self, file: Path) -> int:
         with self._lock:
