@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 usage="%(prog)s --experts LIST [options] [TRAIN FLAGS]")
     p.add_argument("--experts", required=True, metavar="LIST",
                    help="comma-separated expert counts, 1 = the dense twin (default none: required)")
-    p.add_argument("--top-k", type=int, default=1, metavar="K",
-                   help="experts per token, the same at every count (default 1, as the Switch Transformer)")
+    p.add_argument("--top-k", type=int, default=2, metavar="K",
+                   help="experts per token, the same at every count (default 2: with 1 and the renormalised "
+                        "topk router every routing weight is 1, and more experts measured worse)")
     p.add_argument("--steps", type=int, default=600, metavar="N", help="training steps of every run (default 600)")
     p.add_argument("--seeds", type=int, default=3, metavar="S", help="seeds per expert count, from 0 (default 3)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), metavar="DIR",
