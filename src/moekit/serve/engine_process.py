@@ -97,8 +97,11 @@ class EngineProcess:
         self._stopping = False
         self._reader = threading.Thread(target=self._read_loop, name="moekit-engine-reader", daemon=True)
         self._reader.start()
+        for remote in (self.experts, self.cache):
+            if remote is not None:
+                remote._read()  # a first answer, kept should the child die before a scrape
         if metrics is not None:
-            metrics.watch_queue(lambda: self._call("queue"))
+            metrics.watch_queue(self._queue_depth)
             if self.experts is not None:
                 metrics.watch_experts(self.experts)
             if self.cache is not None:
@@ -118,16 +121,17 @@ class EngineProcess:
 
     # ---------------------------------------------------------------- the Engine's interface
 
-    def start(self) -> EngineProcess:
-        return self
-
     @property
     def num_running(self) -> int:
-        return self._call("queue")[0]
+        return self._queue_depth()[0]
 
     @property
     def num_waiting(self) -> int:
-        return self._call("queue")[1]
+        return self._queue_depth()[1]
+
+    def _queue_depth(self) -> tuple[int, int]:
+        """(running, waiting) in the child; (0, 0) once it is gone (nothing runs there any more)."""
+        return (0, 0) if self.failure else tuple(self._call("queue"))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> int:
         """Queue one request in the child; returns its id. Raises as ``Engine.submit`` does."""
@@ -182,7 +186,10 @@ class EngineProcess:
         if not done.wait(_CALL_TIMEOUT_S):
             self._replies.pop(n, None)
             raise RuntimeError(f"the engine process did not answer {what!r} within {_CALL_TIMEOUT_S:.0f} s")
-        return self._replies.pop(n)[1]
+        slot = self._replies.pop(n)
+        if self.failure:  # woken by the reader as the child went away, not answered
+            raise RuntimeError(self.failure)
+        return slot[1]
 
     def _read_loop(self) -> None:
         while True:
@@ -218,14 +225,20 @@ class EngineProcess:
 
 class _Remote:
     """A child-side object read through ``EngineProcess._call``: ``snapshot()`` of the expert load,
-    ``stats()`` of the expert cache; ``close()`` is the child's (at shutdown)."""
+    ``stats()`` of the expert cache; once the child is gone, its last answer. ``close()`` is the child's
+    (at shutdown)."""
 
     def __init__(self, engine: EngineProcess, what: str, method: str):
-        self._engine, self._what = engine, what
+        self._engine, self._what, self._last = engine, what, None
         setattr(self, method, self._read)
 
     def _read(self) -> Any:
-        return self._engine._call(self._what)
+        try:
+            self._last = self._engine._call(self._what)
+        except RuntimeError:
+            if self._last is None or not self._engine.failure:
+                raise
+        return self._last
 
     def close(self) -> None:
         pass
