@@ -41,7 +41,7 @@ from moekit.serve.metrics import ExpertLoad, ServeMetrics
 from moekit.serve.router_tap import RouterTap
 from moekit.serve.text import StopText
 
-__all__ = ["Engine", "EngineStopped", "Event", "SamplingParams", "Sequence"]
+__all__ = ["Engine", "EngineStopped", "Event", "SamplingParams", "Sequence", "check_request"]
 
 log = logging.getLogger("moekit.serve")
 
@@ -81,6 +81,15 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, max_seq_len: int) -> None:
+    """ValueError for a request no engine can serve: an empty prompt, or one that does not fit the context."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) + params.max_tokens > max_seq_len:
+        raise ValueError(f"prompt tokens {len(prompt_ids)} + max_tokens {params.max_tokens} exceed the "
+                         f"model's context of {max_seq_len} tokens")
 
 
 class EngineStopped(RuntimeError):
@@ -166,11 +175,7 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> int:
         """Queue one request; returns its id. Raises ValueError for a prompt that does not fit."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(f"prompt tokens {len(prompt_ids)} + max_tokens {params.max_tokens} exceed the "
-                             f"model's context of {self.max_seq_len} tokens")
+        check_request(prompt_ids, params, self.max_seq_len)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         if self.metrics is not None:
             sink = self.metrics.observer(sink, len(prompt_ids))

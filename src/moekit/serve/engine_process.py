@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moekit.serve.engine import EngineStopped, Event, SamplingParams
+from moekit.serve.engine import EngineStopped, Event, SamplingParams, check_request
 
 __all__ = ["EngineProcess", "EngineSpec", "open_model"]
 
@@ -135,11 +135,7 @@ class EngineProcess:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> int:
         """Queue one request in the child; returns its id. Raises as ``Engine.submit`` does."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(f"prompt tokens {len(prompt_ids)} + max_tokens {params.max_tokens} exceed the "
-                             f"model's context of {self.max_seq_len} tokens")
+        check_request(prompt_ids, params, self.max_seq_len)
         if self.metrics is not None:
             sink = self.metrics.observer(sink, len(prompt_ids))
         with self._state:
