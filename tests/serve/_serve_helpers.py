@@ -103,3 +103,24 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def start_stream(url: str, max_tokens: int, timeout: float = 60) -> tuple[list[str], threading.Event, threading.Thread]:
+    """A greedy streamed completion on a thread: (the SSE data payloads as they arrive, set at the first one,
+    the thread)."""
+    import httpx
+
+    events, started = [], threading.Event()
+
+    def stream():
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=timeout, json={
+                "prompt": "def ", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    return events, started, t

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import torch
-from _serve_helpers import LiveServer
+from _serve_helpers import LiveServer, start_stream
 from prometheus_client.parser import text_string_to_metric_families
 
 from moekit.infer import generate
@@ -116,18 +116,7 @@ def test_a_dead_engine_process_fails_in_flight_requests_and_health(run_dir):
     srv = LiveServer(lambda metrics: load_engine_process(str(run_dir), metrics, threads=1))
     try:
         engine = srv.wait_ready(60).engine
-        events, started = [], threading.Event()
-
-        def stream():
-            with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=60, json={
-                    "prompt": "def ", "max_tokens": 900, "temperature": 0, "stream": True, "ignore_eos": True}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
+        events, started, t = start_stream(srv.url, 900)
         assert started.wait(30)
         engine._proc.kill()
         t.join(30)

@@ -6,11 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
-from _serve_helpers import free_port
+from _serve_helpers import free_port, start_stream
 
 from moekit.serve.cli import build_parser
 
@@ -35,19 +34,7 @@ def test_serve_then_sigterm_finishes_in_flight_and_exits_0(run_dir):
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        events, started = [], threading.Event()
-
-        def stream():
-            with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
-                    "prompt": "def ", "max_tokens": 150, "temperature": 0, "stream": True,
-                    "ignore_eos": True}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
+        events, started, t = start_stream(url, 150, timeout=30)
         assert started.wait(20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
