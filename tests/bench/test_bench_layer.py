@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moekit.bench.layer as bench_layer
-from moekit.bench.cli import main
+from moekit.cli.bench import main
 from moekit.bench.layer import Shape, bench_shape, saved_activation_bytes
 from moekit.config import MoEConfig
 from moekit.nn.moe import MoELayer

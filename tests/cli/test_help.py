@@ -17,7 +17,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     for name, (module, _) in COMMANDS.items():
         mod = importlib.import_module(module)
         if name == "bench":
-            from moekit.bench.cli import build_parser as bench_parser
+            from moekit.cli.bench import build_parser as bench_parser
 
             root = bench_parser()
             sub = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
@@ -29,7 +29,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 PARSERS = _parsers()
 # a positional that names a directory to read: one word per kind of thing
-POSITIONALS = {"RUN_DIR", "RUN_DIRS", "SRC", "DST", "DIR", "MODEL", "PRESET"}
+POSITIONALS = {"RUN_DIR", "RUN_DIRS", "SRC", "DST", "DIR", "MODEL", "PRESET", "TRAIN_FLAGS"}
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))

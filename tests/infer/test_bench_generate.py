@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from moekit.bench.cli import main
+from moekit.cli.bench import main
 from moekit.rundir import RunDir
 
 PINNED = ("tokens_per_s", "ttft_s", "itl_s", "peak_rss_anon_bytes", "peak_rss_file_bytes", "expert_hit_rate",

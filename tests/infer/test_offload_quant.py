@@ -183,7 +183,7 @@ def test_expert_linear_equals_dequantized_matmul(fmt):
 
 @pytest.mark.parametrize("memory", [None, str(3 * STORED["int8"])], ids=["resident", "offloaded"])
 def test_bench_generate_reports_quantized_expert_bytes(qruns, tmp_path, memory):
-    from moekit.bench.cli import main
+    from moekit.cli.bench import main
 
     out = tmp_path / "b.json"
     args = ["generate", str(qruns["int8"].path), "--prompt-len", "6", "--new-tokens", "4", "--threads", "1",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from moekit.bench.cli import main as bench_main
+from moekit.cli.bench import main as bench_main
 
 
 def test_bench_serve_reports_every_level(run_dir, tmp_path, capsys):

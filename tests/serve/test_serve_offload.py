@@ -11,7 +11,7 @@ import torch
 from _serve_helpers import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from moekit.bench.cli import main as bench_main
+from moekit.cli.bench import main as bench_main
 from moekit.infer import generate
 from moekit.infer.cache import Trace, replay
 from moekit.serve.cli import build_parser, load_engine

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from moekit.rundir import CheckpointError, DamagedFileError
 
-__all__ = ["RUNTIME", "USAGE", "UsageError", "guarded", "print_error", "readable_run"]
+__all__ = ["RUNTIME", "USAGE", "UsageError", "guarded", "interrupts_kept", "print_error", "readable_run"]
 
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
 
@@ -23,6 +25,27 @@ class UsageError(ValueError):
 
 def print_error(prog: str, message: object) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+@contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Inside, Ctrl-C raises KeyboardInterrupt as usual and is also remembered: leaving the block raises it
+    again if it was swallowed on the way up (an exception raised inside a finalizer, or in a library's
+    callback that ignores errors, is printed and dropped). For long set-up work before a command installs
+    its own handler (the training loop's checkpoint-and-stop)."""
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if seen:
+        raise KeyboardInterrupt
 
 
 def readable_run(path, prog: str):

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moekit.cli.train", "train an MoE language model (default: built-in corpus); --compare vs dense"),
     "sweep": ("moekit.cli.sweep", "train 1, 2, 4, ... experts at equal active compute: the Switch scaling curve"),
     "generate": ("moekit.cli.generate", "sample text from a run directory"),
-    "bench": ("moekit.bench.cli", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
+    "bench": ("moekit.cli.bench", "benchmarks: `moekit bench layer` times the MoE layer against dense"),
     "spec": ("moekit.spec.cli", "total/active parameters, FLOPs and memory of a model"),
     "new": ("moekit.spec.new", "write a random model of a preset's real dimensions (sharded run directory)"),
     "convert": ("moekit.cli.convert", "convert a moekit run directory <-> a Hugging Face model directory"),

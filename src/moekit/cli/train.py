@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moekit.cli.errors import UsageError
+from moekit.cli.errors import UsageError, interrupts_kept
 from moekit.cli.flags import add_field_flags, field_flags, flag_name
 from moekit.cli.launch import launch_torchrun, make_runtime
 from moekit.cli.train_checks import check_flags, claim_out_dir, resumed_train_config
@@ -250,8 +250,9 @@ def _resume(given: dict[str, Any], pcfg: ParallelConfig) -> int:
     torch.set_num_threads(tcfg.threads or torch.get_num_threads())
     # a run started with --init-from encodes with its model's tokenizer, kept as the run's own
     tok_path = run.tokenizer_path if run.init_path.is_file() else None
-    data = rt.rank0_first(lambda: prepare_data(run.data_dir, tcfg.data, tcfg.vocab_size, tcfg.max_data_bytes,
-                                               tokenizer_path=tok_path))
+    with interrupts_kept():
+        data = rt.rank0_first(lambda: prepare_data(run.data_dir, tcfg.data, tcfg.vocab_size,
+                                                   tcfg.max_data_bytes, tokenizer_path=tok_path))
     res = train(mcfg, tcfg, rt.own_dir(run.path), data, resume=True, from_step=given.get("from_step"),
                 label=run.path.name, runtime=rt)
     _report(res)
@@ -284,8 +285,9 @@ def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
         claim_out_dir(out, overwrite="overwrite" in given, compare="compare" in given)
     rt = make_runtime(pcfg, out, resume=False, compare="compare" in given)
     tok_path = init.tokenizer_path if init is not None else None
-    data = rt.rank0_first(lambda: prepare_data(RunDir(out).data_dir, tcfg.data, tcfg.vocab_size,
-                                               tcfg.max_data_bytes, tokenizer_path=tok_path))
+    with interrupts_kept():
+        data = rt.rank0_first(lambda: prepare_data(RunDir(out).data_dir, tcfg.data, tcfg.vocab_size,
+                                                   tcfg.max_data_bytes, tokenizer_path=tok_path))
     if init is None and data.vocab_size != mcfg.vocab_size:
         mcfg = mcfg.replace(vocab_size=data.vocab_size)
     print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "

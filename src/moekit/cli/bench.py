@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moekit.bench.formats import add_parser as add_formats
 
     add_formats(sub)
+    from moekit.cli.bench_train import add_parser as add_train
+
+    add_train(sub)
     from moekit.bench.serve_run import add_arguments as add_serve
 
     add_serve(sub.add_parser("serve", help="throughput and latency of `moekit serve` under concurrent load"))
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from moekit.bench.generate import run
 
         return run(args)
+    if args.what == "train":
+        from moekit.cli.bench_train import run as run_train
+
+        return run_train(args)
     if args.what == "formats":
         from moekit.bench.formats import run as run_formats
 
