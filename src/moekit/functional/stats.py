@@ -147,11 +147,21 @@ def losses_and_stats(call: RoutedCall, cfg: MoEConfig) -> tuple[Tensor, MoEStats
     # a masked count is a tensor whose terms handle n = 0 themselves
     any_tokens = call.mask_T is not None or call.num_tokens > 0
     balanced = cfg.router in BALANCED_ROUTERS  # balanced by construction or fixed: no balance term
-    balance = _balance(call, E) if r.indices_TK is not None and any_tokens and not balanced else zero
-    z = zero if cfg.router == "hash" else L.z_loss(r.logits_TE, call.mask_T)  # hash: no router logits
-    importance = _importance(call, E) if any_tokens and cfg.router != "hash" else zero  # hash: no aux loss
-    aux = zero
     balance_coef = cfg.aux_loss_coef if r.aux_coef is None else r.aux_coef  # relu: its lambda
+
+    def term(coef, fn) -> Tensor:
+        # a term left out of aux is a statistic only: no autograd graph to build and walk back
+        if isinstance(coef, Tensor) or coef:
+            return fn()
+        with torch.no_grad():
+            return fn()
+
+    balance = (term(balance_coef, lambda: _balance(call, E))
+               if r.indices_TK is not None and any_tokens and not balanced else zero)
+    z = zero if cfg.router == "hash" else term(cfg.z_loss_coef, lambda: L.z_loss(r.logits_TE, call.mask_T))
+    importance = (term(cfg.importance_loss_coef, lambda: _importance(call, E))
+                  if any_tokens and cfg.router != "hash" else zero)  # hash: no aux loss
+    aux = zero
     for coef, term in ((balance_coef, balance), (cfg.z_loss_coef, z), (cfg.importance_loss_coef, importance)):
         if isinstance(coef, Tensor) or coef:
             aux = aux + coef * term
