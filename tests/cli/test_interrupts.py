@@ -34,3 +34,18 @@ def test_without_an_interrupt_the_block_is_transparent():
     with interrupts_kept():
         x = 1
     assert x == 1 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_outside_the_main_thread_it_changes_nothing():
+    import threading
+
+    seen = []
+
+    def body():
+        with interrupts_kept():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    th = threading.Thread(target=body)
+    th.start()
+    th.join(10)
+    assert seen == [signal.getsignal(signal.SIGINT)]

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -33,6 +34,9 @@ def interrupts_kept() -> Iterator[None]:
     again if it was swallowed on the way up (an exception raised inside a finalizer, or in a library's
     callback that ignores errors, is printed and dropped). For long set-up work before a command installs
     its own handler (the training loop's checkpoint-and-stop)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
     seen: list[int] = []
 
     def handler(signum, frame):
