@@ -60,6 +60,8 @@ def test_flags_the_benchmark_decides_are_refused_with_a_message(flag, corpus, ca
     assert "Traceback" not in err
 
 
-def test_zero_rounds_is_a_usage_error(capsys):
+def test_zero_rounds_or_threads_is_a_usage_error(capsys):
     assert main(["train", "--rounds", "0"]) == 2
     assert "--rounds 0 must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--threads", "0"]) == 2
+    assert "--threads 0 must be >= 1" in capsys.readouterr().err

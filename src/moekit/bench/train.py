@@ -6,7 +6,8 @@ asked about, so both models are built here (the same data, batch and seed as ``m
 and their optimizer steps are interleaved: each round runs ``--steps`` real training steps
 (:func:`moekit.train.loop.train_step`: batch, forward, backward, clipping, AdamW, routing statistics) of
 one model then the other, in alternating order. Per round: each model's median step time and their ratio;
-overall: the median ratio and its interquartile range. """
+overall: the median ratio and its interquartile range.
+"""
 from __future__ import annotations
 
 import statistics
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["bench_train", "table"]
+
 
 def _quartiles(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 2:

@@ -4,7 +4,6 @@ line of moekit.bench.train. Flags after ``--`` are `moekit train`'s model and tr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
         from moekit.bench.train import bench_train, table
         from moekit.data import prepare_data
+        from moekit.rundir import atomic_write_json
         from moekit.runtime import configure
 
         for name in ("rounds", "steps"):
@@ -61,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--{name} {getattr(args, name)} must be >= 1")
         if args.warmup < 0:
             raise UsageError(f"--warmup {args.warmup} must be >= 0")
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads {args.threads} must be >= 1")
         mcfg, tcfg = _configs(args.train_flags)
-        settings = configure(args.threads or tcfg.threads)
+        settings = configure(args.threads)
+
         def log(msg: str) -> None:
             print(msg, file=sys.stderr, flush=True)
 
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(table(res))
         print(f"medians of interleaved rounds; float32, {settings.describe()}")
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+            atomic_write_json(Path(args.json), res)
         return 0
 
     return guarded("moekit bench train", body)

@@ -149,11 +149,12 @@ def losses_and_stats(call: RoutedCall, cfg: MoEConfig) -> tuple[Tensor, MoEStats
     balanced = cfg.router in BALANCED_ROUTERS  # balanced by construction or fixed: no balance term
     balance_coef = cfg.aux_loss_coef if r.aux_coef is None else r.aux_coef  # relu: its lambda
 
+    def in_aux(coef) -> bool:
+        return isinstance(coef, Tensor) or bool(coef)
+
     def term(coef, fn) -> Tensor:
         # a term left out of aux is a statistic only: no autograd graph to build and walk back
-        if isinstance(coef, Tensor) or coef:
-            return fn()
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and in_aux(coef)):
             return fn()
 
     balance = (term(balance_coef, lambda: _balance(call, E))
@@ -162,9 +163,9 @@ def losses_and_stats(call: RoutedCall, cfg: MoEConfig) -> tuple[Tensor, MoEStats
     importance = (term(cfg.importance_loss_coef, lambda: _importance(call, E))
                   if any_tokens and cfg.router != "hash" else zero)  # hash: no aux loss
     aux = zero
-    for coef, term in ((balance_coef, balance), (cfg.z_loss_coef, z), (cfg.importance_loss_coef, importance)):
-        if isinstance(coef, Tensor) or coef:
-            aux = aux + coef * term
+    for coef, value in ((balance_coef, balance), (cfg.z_loss_coef, z), (cfg.importance_loss_coef, importance)):
+        if in_aux(coef):
+            aux = aux + coef * value
     if cfg.router == "top_p" and cfg.entropy_loss_coef and any_tokens:  # the paper's dynamic loss
         aux = aux + cfg.entropy_loss_coef * _entropy(call, any_tokens, differentiable=True)
     with torch.no_grad():
