@@ -131,8 +131,10 @@ def test_a_dead_engine_process_fails_in_flight_requests_and_health(run_dir):
         assert "exited unexpectedly" in httpx.get(f"{srv.url}/health", timeout=5).json()["error"]
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
         assert r.status_code == 503 and "exited unexpectedly" in r.json()["error"]["message"]
-        # the scrape still answers: what the server saw, nothing running
+        # the scrape still answers, at once: what the server saw, nothing running
+        t0 = time.monotonic()
         values = _values(srv.url)
+        assert time.monotonic() - t0 < 5
         assert values[("moekit:num_requests_running", ())] == 0
         assert values[("moekit:generation_tokens_total", ())] >= 1
     finally:

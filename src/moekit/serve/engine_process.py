@@ -176,6 +176,10 @@ class EngineProcess:
         """The child's answer to ``what`` (blocking; the child's reader answers between decode steps)."""
         done = threading.Event()
         with self._state:
+            # the reader sets failure under this lock before it wakes the waiting calls: a call made after
+            # that would wait out the whole timeout for a child that is gone
+            if self.failure:
+                raise RuntimeError(self.failure)
             n, self._next_call = self._next_call, self._next_call + 1
             self._replies[n] = [done, None]
         self._send(("call", n, what))
