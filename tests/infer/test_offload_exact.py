@@ -11,6 +11,7 @@ import torch
 from moekit.hf import load_any
 from moekit.infer.generate import generate
 from moekit.infer.offload import load_offloaded
+from moekit.ops import gemv
 
 from .conftest import EXPERT_BYTES, K, prompts
 
@@ -86,3 +87,24 @@ def test_non_experts_resident_experts_not(checkpoints):
         assert om.cache.stats()["slots_allocated"] == 0  # nothing read before the first call
     finally:
         om.close()
+
+
+@pytest.mark.parametrize("layout", ["moekit", "hf_fused"])
+def test_streaming_kernels_keep_offloaded_equal_to_resident(checkpoints, monkeypatch, layout):
+    """With every weight large enough for the single-row kernels (batch-1 decode), both models take them
+    on the same bits: the experts' fused kernel included, whether read from the cache or the disk."""
+    monkeypatch.setattr(gemv, "MIN_BYTES", 0)
+    ran: list[str] = []
+    run = gemv._KERNELS.run
+    monkeypatch.setattr(gemv._KERNELS, "run", lambda name, *a: ran.append(name) or run(name, *a))
+    ids = prompts()[0][:1]
+    resident = _run(load_any(checkpoints[layout])[0], ids, torch.ones_like(ids))
+    assert {"gemv", "swiglu_expert"} <= set(ran)
+    ran.clear()
+    om = load_offloaded(checkpoints[layout], K * EXPERT_BYTES, policy="lru", prefetch=True)
+    try:
+        offloaded = _run(om.model, ids, torch.ones_like(ids))
+    finally:
+        om.close()
+    assert "swiglu_expert" in ran
+    assert torch.equal(offloaded[0], resident[0]) and torch.equal(offloaded[1], resident[1])

@@ -77,11 +77,11 @@ def _load_model(path: str, args):
     tokenizer, its figures, and what to close when done (None, or the OffloadedModel)."""
     import torch
 
-    from moekit.infer.load import choose_decode_threads, count_params, load_maybe_offloaded
+    from moekit.infer.load import count_params, load_maybe_offloaded, ready_to_decode
     from moekit.infer.offload_flags import offload_kwargs
 
     model, tok, om = load_maybe_offloaded(path, offload_kwargs(args) if args.expert_memory is not None else None)
-    torch.set_num_threads(args.threads if args.threads is not None else choose_decode_threads(model))
+    ready_to_decode(model, args.threads)
     dtype = next(model.parameters()).dtype
     return model, tok, {"params": count_params(model), "dtype": str(dtype).replace("torch.", ""),
                         "threads": torch.get_num_threads()}, om

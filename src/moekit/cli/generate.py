@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             model, tok, offloaded = load_offloaded_from_args(args)
         else:
             (model, tok), offloaded = _load(args.run_dir), None
-        from moekit.infer.load import choose_decode_threads  # one thread per 32 MiB a token reads
+        from moekit.infer.load import ready_to_decode  # default: one thread per 32 MiB a token reads
 
-        torch.set_num_threads(args.threads if args.threads is not None else choose_decode_threads(model))
+        ready_to_decode(model, args.threads)
         start, end = _special_ids(model, tok, args.run_dir)
         prompt_ids = encode(tok, args.prompt) or ([start] if start is not None else [])
         if not prompt_ids:  # an empty prompt starts a new document, which needs a start token

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["choose_decode_threads", "count_params", "load_for_inference", "load_maybe_offloaded",
-           "non_expert_bytes", "special_ids", "weight_bytes_per_token"]
+           "non_expert_bytes", "ready_to_decode", "special_ids", "weight_bytes_per_token"]
 
 
 def load_for_inference(path: str | Path) -> tuple[Any, Any]:
@@ -79,6 +79,21 @@ def choose_decode_threads(model: Any) -> int:
     from moekit.runtime import decode_threads
 
     return decode_threads(weight_bytes_per_token(model))
+
+
+def ready_to_decode(model: Any, threads: int | None) -> float:
+    """Set the intra-op threads (None: :func:`choose_decode_threads`) and compile the single-row kernels the
+    model's large weights take (``moekit.ops.gemv.warm_up``), so the first decode step is not seconds long.
+    Returns the seconds compiling took (0.0: no weight is large enough to need them)."""
+    import time
+
+    import torch
+
+    from moekit.ops.gemv import warm_up
+
+    torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))
+    t0 = time.perf_counter()
+    return time.perf_counter() - t0 if warm_up(model.state_dict().values()) else 0.0
 
 
 def load_maybe_offloaded(path: str | Path, offload: dict | None = None, dtype: str | None = None,

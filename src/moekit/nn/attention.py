@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.nn.linear import Linear
+
 __all__ = ["RMSNorm", "Attention", "KVCache", "rope_cos_sin", "apply_rope", "build_attn_mask", "sink_attention"]
 
 
@@ -168,10 +170,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.clip_qkv, self.scale = clip_qkv, scale
         self.qk_norm_scope = qk_norm_scope
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.q_proj = Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * head_dim, d_model, bias=out_bias)
         full = qk_norm_scope == "full"
         self.q_norm = RMSNorm(n_heads * head_dim if full else head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(n_kv_heads * head_dim if full else head_dim, norm_eps) if qk_norm else None

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from moekit.functional.dispatch import activation_fn, loop_experts_reference
 from moekit.nn.init import init_weights_
+from moekit.nn.linear import Linear
 from moekit.ops.grouped_ffn import grouped_ffn
 
 __all__ = ["GroupedExperts", "MLP"]
@@ -62,9 +63,9 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu"):
         super().__init__()
         self.activation = activation
-        self.gate_proj = nn.Linear(d_model, d_hidden, bias=False) if activation == "swiglu" else None
-        self.up_proj = nn.Linear(d_model, d_hidden, bias=False)
-        self.down_proj = nn.Linear(d_hidden, d_model, bias=False)
+        self.gate_proj = Linear(d_model, d_hidden, bias=False) if activation == "swiglu" else None
+        self.up_proj = Linear(d_model, d_hidden, bias=False)
+        self.down_proj = Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         act = activation_fn(self.activation)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from moekit.config import MLAConfig
 from moekit.nn.attention import KVCache, RMSNorm, apply_rope
+from moekit.nn.linear import Linear
 
 __all__ = ["MultiHeadLatentAttention"]
 
@@ -33,17 +34,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.cfg, self.n_heads = cfg, n_heads
         H, r, n, p, v = n_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(d_model, H * (n + p), bias=False)
+            self.q_proj = Linear(d_model, H * (n + p), bias=False)
             self.q_a_proj = self.q_a_norm = self.q_b_proj = None
         else:
             self.q_proj = None
-            self.q_a_proj = nn.Linear(d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d_model, cfg.q_lora_rank, bias=False)
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (n + p), bias=False)
-        self.kv_a_proj = nn.Linear(d_model, r + p, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * (n + p), bias=False)
+        self.kv_a_proj = Linear(d_model, r + p, bias=False)
         self.kv_a_norm = RMSNorm(r, cfg.latent_norm_eps)
-        self.kv_b_proj = nn.Linear(r, H * (n + v), bias=False)
-        self.o_proj = nn.Linear(H * v, d_model, bias=False)
+        self.kv_b_proj = Linear(r, H * (n + v), bias=False)
+        self.o_proj = Linear(H * v, d_model, bias=False)
 
     def forward(
         self,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.nn.attention import KVCache, apply_rope
+from moekit.nn.linear import Linear
 
 __all__ = ["MixtureOfAttention"]
 
@@ -29,11 +30,11 @@ class MixtureOfAttention(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.n_kv_heads, self.head_dim = num_experts, top_k, n_kv_heads, head_dim
         inner = n_kv_heads * head_dim
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.router = Linear(d_model, num_experts, bias=False)
         self.w_q = nn.Parameter(torch.empty(num_experts, inner, d_model))
         self.w_o = nn.Parameter(torch.empty(num_experts, d_model, inner))
         self.bias = nn.Parameter(torch.zeros(d_model))
-        self.kv_proj = nn.Linear(d_model, 2 * inner, bias=False)
+        self.kv_proj = Linear(d_model, 2 * inner, bias=False)
 
     def _route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         top_TK, picks_TK = (x_TD.float() @ self.router.weight.float().t()).topk(self.top_k, dim=-1)

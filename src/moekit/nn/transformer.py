@@ -18,10 +18,12 @@ from moekit.functional.routing_dynamic import relu_l1_update
 from moekit.nn.attention import Attention, KVCache, RMSNorm, build_attn_mask
 from moekit.nn.experts import MLP
 from moekit.nn.init import init_weights_
+from moekit.nn.linear import Linear
 from moekit.nn.mla import MultiHeadLatentAttention
 from moekit.nn.moa import MixtureOfAttention
 from moekit.nn.moe import MoELayer, MoEOutput, MoEStats
 from moekit.nn.rope import rope_tables
+from moekit.ops.gemv import linear
 
 __all__ = ["MoETransformer", "ModelOutput", "KVCache"]
 
@@ -110,7 +112,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size,
+        self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size,
                                                                       bias=config.lm_head_bias)
         self.init_weights()
 
@@ -240,7 +242,7 @@ class MoETransformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        logits = x @ self.embed.weight.t() if self.lm_head is None else self.lm_head(x)
+        logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if self.config.logits_divisor != 1.0:
             logits = logits / self.config.logits_divisor
         loss = None

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.ops.expert_threads import for_each_expert, use_expert_threads
+from moekit.ops.gemv import linear, swiglu_expert
 
 __all__ = ["grouped_ffn"]
 
@@ -279,8 +280,10 @@ def _few_rows_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A:
                       w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
     """The sorted forward's arithmetic, planned in Python: one GEMM per expert over its rows, the same
     elementwise steps, each token's sum in expert order; only the bookkeeping ops are gone. With one token
-    (batch-1 decode) the bits equal :func:`_sorted_forward`'s; with several they agree to rounding (the
-    elementwise kernels see per-expert blocks instead of one buffer). Offloaded experts run this same path."""
+    (batch-1 decode) the bits equal :func:`_sorted_forward`'s, except that experts of at least
+    ``moekit.ops.gemv.MIN_BYTES`` per matrix take the streaming single-row kernel (equal to rounding); with
+    several tokens they agree to rounding (the elementwise kernels see per-expert blocks instead of one
+    buffer). Offloaded experts run this same path, so they match the resident model bit for bit."""
     E = w_up.shape[0]
     experts, tokens = expert_A.tolist(), token_A.tolist()
     runs: dict[int, list[int]] = {}
@@ -297,10 +300,15 @@ def _few_rows_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A:
         else:
             tok = torch.tensor([tokens[a] for a in rows], device=x_TD.device)
             xs, w = x_TD.index_select(0, tok), w_A1[torch.tensor(rows, device=x_TD.device)]
-        # F.linear(x, w) is mm(x, w.t()), as in the sorted forward
-        u = F.linear(xs, w_up[e])
-        h = F.silu(F.linear(xs, w_gate[e])).mul_(u) if w_gate is not None else _act(activation, u)
-        y = F.linear(h, w_down[e]).mul_(w)
+        if tok is None and w_gate is not None:  # one row of a large swiglu expert: one compiled call
+            y = swiglu_expert(xs, w_gate[e], w_up[e], w_down[e], w)
+            if y is not None:
+                out_TD[t:t + 1].add_(y)
+                continue
+        # at one row of a large expert the streaming kernel, else mm(x, w.t()) as in the sorted forward
+        u = linear(xs, w_up[e])
+        h = F.silu(linear(xs, w_gate[e])).mul_(u) if w_gate is not None else _act(activation, u)
+        y = linear(h, w_down[e]).mul_(w)
         if tok is None:
             out_TD[t:t + 1].add_(y)
         else:

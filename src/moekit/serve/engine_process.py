@@ -53,7 +53,7 @@ def open_model(model_dir: str, dtype: str | None, threads: int | None, offload: 
     ``moekit.infer.load.choose_decode_threads``). A run trained on several processes is exported first."""
     import torch
 
-    from moekit.infer.load import choose_decode_threads, load_maybe_offloaded
+    from moekit.infer.load import load_maybe_offloaded, ready_to_decode
     from moekit.parallel.run_export import export_if_distributed
 
     note = export_if_distributed(model_dir)  # a run trained on several processes: its DCP checkpoint
@@ -63,8 +63,10 @@ def open_model(model_dir: str, dtype: str | None, threads: int | None, offload: 
     if tok is None:  # an offloaded HF directory without tokenizer.json (a resident load raises itself)
         om.close()
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json; the server needs one to encode prompts")
-    torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))  # before the engine thread
-    print(f"moekit serve: {torch.get_num_threads()} intra-op thread(s)", file=sys.stderr, flush=True)
+    compile_s = ready_to_decode(model, threads)  # before the engine thread starts
+    print(f"moekit serve: {torch.get_num_threads()} intra-op thread(s)"
+          + (f", single-row kernels compiled in {compile_s:.1f}s" if compile_s else ""),
+          file=sys.stderr, flush=True)
     return model, tok, om
 
 

@@ -1,0 +1,147 @@
+"""Linear layers of one row (batch-1 decode) as a kernel that streams the weight at memory speed.
+
+A decode step of a large model is a chain of matrix-vector products whose weights do not fit in any
+cache, so its speed is how fast the kernel reads them. At one row ``F.linear`` runs MKL's GEMV, which
+here streams 13-15 GB/s on one thread and gains nothing from a second (bf16: 9-15 GB/s). Inductor's C++
+reduction over ``(w * x).sum(-1)`` reads each weight once, vectorised, its rows split over the OpenMP
+threads: 17 GB/s on one thread and 25-28 GB/s on two, fp32 and bf16 alike (measured on a 16 MB and a 400 MB
+weight, rotating through more weights than the caches hold). A compiled call costs 25-45 us of wrapper
+and guards, so only weights of at least ``MIN_BYTES`` take it; smaller ones (every weight of the
+default LM) stay on ``F.linear``, where a GEMV is a few microseconds.
+
+The choice depends only on the input's row count, the weight's size, dtype and layout and whether
+autograd records, never on where the weight lives, so a resident model and the same model with its
+experts offloaded run the same kernel on the same bits. bf16 products are summed in fp32 and rounded
+once. Without a working C++ compiler the first call warns and every later one runs ``F.linear``.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["MIN_BYTES", "linear", "single_row_kernel", "swiglu_expert", "warm_up"]
+
+# below this the compiled call's fixed cost outweighs the faster stream (2 MiB: ~80 us of MKL GEMV)
+MIN_BYTES = 2 << 20
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+# written in fp32 so a bf16 weight's products are summed in fp32 and rounded once, at the end; inductor
+# fuses the casts into the loads, so nothing wider than the weight is ever stored
+def _gemv(w_NK: Tensor, x_K: Tensor) -> Tensor:
+    return (w_NK.float() * x_K.float()).sum(-1).to(w_NK.dtype)
+
+
+def _gemv_bias(w_NK: Tensor, x_K: Tensor, b_N: Tensor) -> Tensor:
+    return ((w_NK.float() * x_K.float()).sum(-1) + b_N.float()).to(w_NK.dtype)
+
+
+def _swiglu_expert(x_D: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor,
+                   scale: Tensor) -> Tensor:
+    x_D = x_D.float()
+    h_H = F.silu((w_gate_HD.float() * x_D).sum(-1)) * (w_up_HD.float() * x_D).sum(-1)
+    return ((w_down_DH.float() * h_H).sum(-1) * scale.float()).to(w_down_DH.dtype)
+
+
+_FNS: dict[str, Callable[..., Tensor]] = {"gemv": _gemv, "gemv_bias": _gemv_bias,
+                                          "swiglu_expert": _swiglu_expert}
+
+
+class _Kernels:
+    """The compiled kernels, each built at its first use; ``failed`` holds why they could not be."""
+
+    def __init__(self) -> None:
+        self.fns: dict[str, Callable[..., Tensor]] = {}
+        self.failed: str | None = None
+
+    def get(self, name: str) -> Callable[..., Tensor]:
+        fn = self.fns.get(name)
+        if fn is None:
+            # dynamic shapes: one kernel per dtype serves every size; dynamic threads: the kernel follows
+            # torch.set_num_threads at run time instead of the count it was compiled under
+            opts: dict[str, Any] = {"cpp.dynamic_threads": True}
+            fn = self.fns[name] = torch.compile(_FNS[name], dynamic=True, fullgraph=True, options=opts)
+        return fn
+
+    def run(self, name: str, *args: Tensor) -> Tensor | None:
+        """The kernel's result, or None (after one warning) once compiling has failed.
+
+        Each call is made in one grad mode with the same kinds of tensors, so the few graphs warmed up by
+        :func:`warm_up` serve every later call: a guard that failed on a tensor's kind would compile
+        again mid-decode (seconds). Vectors made under inference mode are copied out of it (cheap next to
+        the weight), and parameters are passed as plain tensors, whose sizes compile dynamic."""
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                args = tuple(a.clone() if a.dim() < 2 and a.is_inference() else a.detach() for a in args)
+                return self.get(name)(*args)
+        except Exception as err:  # noqa: BLE001 - no compiler, or inductor refused: fall back for good
+            self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            warnings.warn(f"moekit: the compiled single-row kernels are unavailable ({self.failed}); "
+                          "decoding uses F.linear (slower for large weights)", RuntimeWarning, stacklevel=3)
+            return None
+
+
+_KERNELS = _Kernels()
+
+
+def single_row_kernel(x: Tensor, w: Tensor) -> bool:
+    """Whether :func:`linear` takes the compiled kernel for this input and weight."""
+    return (x.numel() == x.shape[-1] and w.dim() == 2 and w.shape[1] == x.shape[-1]
+            and w.nbytes >= MIN_BYTES and w.dtype in _DTYPES and x.dtype == w.dtype
+            and w.device.type == "cpu" and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and _KERNELS.failed is None and not torch.compiler.is_compiling())
+
+
+def linear(x: Tensor, w_NK: Tensor, b_N: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w_NK, b_N)``; when x holds one row (``x.numel() == K``) and the weight is large, the
+    compiled streaming kernel (same result to fp32 rounding: the sum runs in another order)."""
+    if single_row_kernel(x, w_NK) and (b_N is None or b_N.dtype == w_NK.dtype):
+        x_K = x.reshape(-1)
+        y_N = (_KERNELS.run("gemv", w_NK, x_K) if b_N is None
+               else _KERNELS.run("gemv_bias", w_NK, x_K, b_N))
+        if y_N is not None:
+            return y_N.reshape(*x.shape[:-1], w_NK.shape[0])
+    return F.linear(x, w_NK, b_N)
+
+
+def swiglu_expert(x_1D: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: Tensor,
+                  scale: Tensor) -> Tensor | None:
+    """``scale * w_down @ (silu(w_gate @ x) * (w_up @ x))`` for one row, (1, D), as one compiled call (three
+    streaming reductions, the elementwise steps in fp32 between them), or None when the kernel does not
+    apply (see :func:`single_row_kernel`) and the caller runs its own ops. scale: one element."""
+    if not (single_row_kernel(x_1D, w_up_HD) and w_gate_HD.is_contiguous() and w_down_DH.is_contiguous()):
+        return None
+    y_D = _KERNELS.run("swiglu_expert", x_1D.reshape(-1), w_gate_HD, w_up_HD, w_down_DH,
+                       scale.reshape(()).float())
+    return None if y_D is None else y_D.reshape(x_1D.shape)
+
+
+def warm_up(tensors: Iterable[Tensor]) -> list[torch.dtype]:
+    """Compile now, not in the first decode step, the kernels that one-row products over ``tensors`` will
+    take: for each dtype among the weights (2-D, or 3-D stacks of experts) of at least ``MIN_BYTES`` per
+    matrix. The example inputs are themselves ``MIN_BYTES`` large, so the compiled loops split their rows
+    over threads as they will for the real weights. Returns the dtypes compiled for (none: nothing to do)."""
+    dtypes = sorted({t.dtype for t in tensors
+                     if t.dtype in _DTYPES and t.device.type == "cpu" and t.dim() in (2, 3)
+                     and (t[0] if t.dim() == 3 else t).nbytes >= MIN_BYTES}, key=str)
+    for dt in dtypes:
+        K = 256
+        N = max(MIN_BYTES // (K * dt.itemsize), 2)
+        # a stack of two, for both storage offsets: an expert's matrices are views into its layer's stack,
+        # and the graph compiled for offset 0 does not serve the others
+        with torch.inference_mode(False):  # plain tensors, as parameters are
+            w_2NK, w2_2NK, w_2KN = (torch.zeros(2, *shape, dtype=dt) for shape in ((N, K), (N, K), (K, N)))
+        with torch.inference_mode():  # as decoding runs
+            x, b = torch.zeros(1, K, dtype=dt), torch.zeros(N, dtype=dt)
+            for i in (0, 1):
+                linear(x, w_2NK[i])
+                linear(x, w_2NK[i], b)
+                swiglu_expert(x, w_2NK[i], w2_2NK[i], w_2KN[i], torch.ones(1))
+    return dtypes
