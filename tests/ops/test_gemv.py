@@ -121,8 +121,8 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
 
 
 def test_warm_up_compiles_what_decoding_then_reuses(monkeypatch):
-    """After warm_up, one-row products over parameters and expert views, in inference mode as decoding
-    runs, compile nothing more."""
+    """After warm_up, one-row products over parameters, inference tensors and expert views, in inference
+    mode as decoding runs, compile nothing more."""
     import torch._dynamo.utils as dynamo_utils
 
     kernels = gemv._Kernels()  # fresh: nothing compiled yet
@@ -138,6 +138,8 @@ def test_warm_up_compiles_what_decoding_then_reuses(monkeypatch):
     with torch.inference_mode():
         x, xb = torch.randn(1, K), torch.randn(1, K).bfloat16()
         torch.testing.assert_close(big(x), F.linear(x, big.weight, big.bias))
+        loaded = torch.randn(N, K)  # an inference tensor: a model loaded under inference mode
+        torch.testing.assert_close(linear(x, loaded), F.linear(x, loaded))
         for e in range(3):  # expert 0 at storage offset 0, the others not
             ref = F.linear(F.silu(F.linear(xb, gate[e])) * F.linear(xb, up[e]), down[e])
             got = swiglu_expert(xb, gate[e], up[e], down[e], torch.ones(1))

@@ -72,13 +72,12 @@ class _Kernels:
     def run(self, name: str, *args: Tensor) -> Tensor | None:
         """The kernel's result, or None (after one warning) once compiling has failed.
 
-        Each call is made in one grad mode with the same kinds of tensors, so the few graphs warmed up by
-        :func:`warm_up` serve every later call: a guard that failed on a tensor's kind would compile
-        again mid-decode (seconds). Vectors made under inference mode are copied out of it (cheap next to
-        the weight), and parameters are passed as plain tensors, whose sizes compile dynamic."""
+        Each call is made in one grad mode with the same kinds of tensors (see :func:`_plain`), so the few
+        graphs warmed up by :func:`warm_up` serve every later call: a guard that failed on a tensor's kind
+        would compile again mid-decode (seconds)."""
         try:
             with torch.inference_mode(False), torch.no_grad():
-                args = tuple(a.clone() if a.dim() < 2 and a.is_inference() else a.detach() for a in args)
+                args = tuple(_plain(a) for a in args)
                 return self.get(name)(*args)
         except Exception as err:  # noqa: BLE001 - no compiler, or inductor refused: fall back for good
             self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
@@ -88,6 +87,15 @@ class _Kernels:
 
 
 _KERNELS = _Kernels()
+
+
+def _plain(t: Tensor) -> Tensor:
+    """t as an ordinary tensor outside inference mode: an inference tensor (a model loaded under inference
+    mode, a vector made in it) is aliased, without a copy, any other detached (a parameter's sizes would
+    compile static), so every kind of weight meets the same compiled graph."""
+    if t.is_inference():
+        return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    return t.detach()  # also drops a view's base, which dynamo would guard on
 
 
 def single_row_kernel(x: Tensor, w: Tensor) -> bool:
