@@ -146,3 +146,20 @@ def test_warm_up_compiles_what_decoding_then_reuses(monkeypatch):
             torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     assert set(kernels.fns) == {"gemv", "gemv_bias", "swiglu_expert"} and kernels.failed is None
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
+
+
+def test_warm_up_for_experts_kept_elsewhere(monkeypatch):
+    """Offloaded experts are not among the model's tensors: their (H, D, dtype) is enough."""
+    import torch._dynamo.utils as dynamo_utils
+
+    monkeypatch.setattr(gemv, "_KERNELS", gemv._Kernels())
+    monkeypatch.setattr(gemv, "MIN_BYTES", 4096)
+    assert gemv.warm_up([], [(64, K, torch.bfloat16), (2, 2, torch.float32)]) == [torch.bfloat16]
+    compiled = dynamo_utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():  # as the expert cache hands them over: one tensor per expert
+        gate, up, down = torch.randn(64, K).bfloat16(), torch.randn(64, K).bfloat16(), torch.randn(K, 64).bfloat16()
+        x = torch.randn(1, K).bfloat16()
+        ref = F.linear(F.silu(F.linear(x.float(), gate.float())) * F.linear(x.float(), up.float()), down.float())
+        got = swiglu_expert(x, gate, up, down, torch.ones(1))
+    torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled

@@ -169,7 +169,7 @@ def _load_offloaded(path: str, expert_memory: str, policy: str, prefetch: bool, 
 def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int, seed: int) -> _Timings:
     """Greedy decoding of random prompts with the KV cache, each step timed (after the disk's bandwidth)."""
     from moekit.infer.memory import sequential_read_gbps
-    from moekit.ops.gemv import warm_up
+    from moekit.infer.load import ready_to_decode
 
     model, om = m.model, m.om
     V, gen = model.config.vocab_size, torch.Generator().manual_seed(seed)
@@ -178,7 +178,7 @@ def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int
         for t in model.state_dict().values():
             t.sum() if t.is_floating_point() else None
         model(ids[:, :4])
-    warm_up(model.state_dict().values())  # the single-row kernels' compile stays out of the timings
+    ready_to_decode(model, torch.get_num_threads())  # the single-row kernels' compile stays out of the timings
     disk_bw = sequential_read_gbps(om.cache.store.files()) if om is not None else None
     read0 = om.cache.store.bytes_read if om is not None else 0
     # 1. prefill -> first token

@@ -93,7 +93,10 @@ def ready_to_decode(model: Any, threads: int | None) -> float:
 
     torch.set_num_threads(threads if threads is not None else choose_decode_threads(model))
     t0 = time.perf_counter()
-    return time.perf_counter() - t0 if warm_up(model.state_dict().values()) else 0.0
+    moe = getattr(model.config, "moe", None)  # routed experts kept on disk are not in the state dict
+    dtype = next(model.parameters()).dtype
+    experts = [(moe.d_hidden, moe.d_model, dtype)] if moe is not None else []
+    return time.perf_counter() - t0 if warm_up(model.state_dict().values(), experts) else 0.0
 
 
 def load_maybe_offloaded(path: str | Path, offload: dict | None = None, dtype: str | None = None,

@@ -5,9 +5,10 @@ cache, so its speed is how fast the kernel reads them. At one row ``F.linear`` r
 here streams 13-15 GB/s on one thread and gains nothing from a second (bf16: 9-15 GB/s). Inductor's C++
 reduction over ``(w * x).sum(-1)`` reads each weight once, vectorised, its rows split over the OpenMP
 threads: 17 GB/s on one thread and 25-28 GB/s on two, fp32 and bf16 alike (measured on a 16 MB and a 400 MB
-weight, rotating through more weights than the caches hold). A compiled call costs 25-45 us of wrapper
-and guards, so only weights of at least ``MIN_BYTES`` take it; smaller ones (every weight of the
-default LM) stay on ``F.linear``, where a GEMV is a few microseconds.
+weight, rotating through more weights than the caches hold). A compiled call costs ~50 us of guards and
+wrapper and ~40 us of ours, so only weights of at least ``MIN_BYTES`` take it; smaller ones (every
+weight of the default LM) stay on ``F.linear``, and a model without large weights compiles nothing.
+:func:`warm_up` compiles at load (``moekit.infer.load.ready_to_decode``), not in the first decode step.
 
 The choice depends only on the input's row count, the weight's size, dtype and layout and whether
 autograd records, never on where the weight lives, so a resident model and the same model with its
@@ -26,8 +27,9 @@ from torch import Tensor
 
 __all__ = ["MIN_BYTES", "linear", "single_row_kernel", "swiglu_expert", "warm_up"]
 
-# below this the compiled call's fixed cost outweighs the faster stream (2 MiB: ~80 us of MKL GEMV)
-MIN_BYTES = 2 << 20
+# below this a compiled call's fixed cost (~90 us) eats the faster stream: at 2 MiB (the default LM's tied
+# head, one thread) the kernel was no faster than F.linear, and compiling would only slow its start
+MIN_BYTES = 4 << 20
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -131,25 +133,33 @@ def swiglu_expert(x_1D: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: T
     return None if y_D is None else y_D.reshape(x_1D.shape)
 
 
-def warm_up(tensors: Iterable[Tensor]) -> list[torch.dtype]:
+def warm_up(tensors: Iterable[Tensor],
+            experts: Iterable[tuple[int, int, torch.dtype]] = ()) -> list[torch.dtype]:
     """Compile now, not in the first decode step, the kernels that one-row products over ``tensors`` will
-    take: for each dtype among the weights (2-D, or 3-D stacks of experts) of at least ``MIN_BYTES`` per
-    matrix. The example inputs are themselves ``MIN_BYTES`` large, so the compiled loops split their rows
-    over threads as they will for the real weights. Returns the dtypes compiled for (none: nothing to do)."""
-    dtypes = sorted({t.dtype for t in tensors
-                     if t.dtype in _DTYPES and t.device.type == "cpu" and t.dim() in (2, 3)
-                     and (t[0] if t.dim() == 3 else t).nbytes >= MIN_BYTES}, key=str)
-    for dt in dtypes:
-        K = 256
-        N = max(MIN_BYTES // (K * dt.itemsize), 2)
-        # a stack of two, for both storage offsets: an expert's matrices are views into its layer's stack,
-        # and the graph compiled for offset 0 does not serve the others
-        with torch.inference_mode(False):  # plain tensors, as parameters are
-            w_2NK, w2_2NK, w_2KN = (torch.zeros(2, *shape, dtype=dt) for shape in ((N, K), (N, K), (K, N)))
-        with torch.inference_mode():  # as decoding runs
-            x, b = torch.zeros(1, K, dtype=dt), torch.zeros(N, dtype=dt)
-            for i in (0, 1):
-                linear(x, w_2NK[i])
-                linear(x, w_2NK[i], b)
-                swiglu_expert(x, w_2NK[i], w2_2NK[i], w_2KN[i], torch.ones(1))
-    return dtypes
+    take: a large 2-D weight is read once through :func:`linear` (and its bias kernel, when a 1-D tensor of
+    its row count is among ``tensors``); a 3-D stack of experts (E, H, D), and each ``(H, D, dtype)`` of
+    ``experts`` (routed experts kept elsewhere, e.g. on disk), is stood in for by zero matrices of its
+    shapes, an expert at offset 0 of its stack and one past it. Real shapes matter: inductor guards its
+    loop choices on size ranges, and a graph compiled for other sizes would compile again mid-decode.
+    Returns the dtypes compiled for (none: no weight is large enough)."""
+    tensors = [t for t in tensors if t.dtype in _DTYPES and t.device.type == "cpu"]
+    lengths = {t.numel() for t in tensors if t.dim() == 1}
+    matrices = [t for t in tensors if t.dim() == 2 and t.nbytes >= MIN_BYTES and t.is_contiguous()]
+    stacks = {(t.shape[1], t.shape[2], t.dtype) for t in tensors
+              if t.dim() == 3 and t[0].nbytes >= MIN_BYTES}
+    stacks |= {(H, D, dt) for H, D, dt in experts if dt in _DTYPES and H * D * dt.itemsize >= MIN_BYTES}
+    with torch.inference_mode():  # as decoding runs
+        for w in matrices:
+            x = torch.zeros(1, w.shape[1], dtype=w.dtype)
+            linear(x, w)
+            if w.shape[0] in lengths:
+                linear(x, w, torch.zeros(w.shape[0], dtype=w.dtype))
+        for H, D, dt in sorted(stacks, key=str):
+            with torch.inference_mode(False):  # plain tensors, as parameters are
+                gate, up, down = (torch.zeros(2, *shape, dtype=dt) for shape in ((H, D), (H, D), (D, H)))
+            x_D, x_H = torch.zeros(1, D, dtype=dt), torch.zeros(1, H, dtype=dt)
+            for e in (0, 1):
+                swiglu_expert(x_D, gate[e], up[e], down[e], torch.ones(1))
+                linear(x_D, up[e])  # experts of another activation: one product at a time
+                linear(x_H, down[e])
+    return sorted({w.dtype for w in matrices} | {dt for _, _, dt in stacks}, key=str)
