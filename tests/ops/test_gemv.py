@@ -157,9 +157,20 @@ def test_warm_up_for_experts_kept_elsewhere(monkeypatch):
     assert gemv.warm_up([], [(64, K, torch.bfloat16), (2, 2, torch.float32)]) == [torch.bfloat16]
     compiled = dynamo_utils.counters["stats"]["unique_graphs"]
     with torch.inference_mode():  # as the expert cache hands them over: one tensor per expert
-        gate, up, down = torch.randn(64, K).bfloat16(), torch.randn(64, K).bfloat16(), torch.randn(K, 64).bfloat16()
+        gate, up, down = (torch.randn(*shape).bfloat16() for shape in ((64, K), (64, K), (K, 64)))
         x = torch.randn(1, K).bfloat16()
-        ref = F.linear(F.silu(F.linear(x.float(), gate.float())) * F.linear(x.float(), up.float()), down.float())
+        xf = x.float()
+        ref = F.linear(F.silu(F.linear(xf, gate.float())) * F.linear(xf, up.float()), down.float())
         got = swiglu_expert(x, gate, up, down, torch.ones(1))
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
+
+
+def test_swiglu_expert_refuses_mismatched_matrices(calls):
+    """A caller's shape bug is its own error, not a compile failure that would turn the kernels off."""
+    x, w = torch.randn(1, K), torch.randn(N, K)
+    with torch.no_grad():
+        assert swiglu_expert(x, torch.randn(N + 1, K), w, torch.randn(K, N), torch.ones(1)) is None
+        assert swiglu_expert(x, w, w.clone(), torch.randn(K, N + 1), torch.ones(1)) is None
+        assert swiglu_expert(x, w.bfloat16(), w, torch.randn(K, N), torch.ones(1)) is None
+    assert calls == [] and gemv._KERNELS.failed is None

@@ -2,7 +2,7 @@
 
 A decode step of a large model is a chain of matrix-vector products whose weights do not fit in any
 cache, so its speed is how fast the kernel reads them. At one row ``F.linear`` runs MKL's GEMV, which
-here streams 13-15 GB/s on one thread and gains nothing from a second (bf16: 9-15 GB/s). Inductor's C++
+here streams 13-15 GB/s on one thread and gains nothing from a second (bf16: 5-15 GB/s). Inductor's C++
 reduction over ``(w * x).sum(-1)`` reads each weight once, vectorised, its rows split over the OpenMP
 threads: 17 GB/s on one thread and 25-28 GB/s on two, fp32 and bf16 alike (measured on a 16 MB and a 400 MB
 weight, rotating through more weights than the caches hold). A compiled call costs ~50 us of guards and
@@ -96,7 +96,8 @@ def _plain(t: Tensor) -> Tensor:
     mode, a vector made in it) is aliased, without a copy, any other detached (a parameter's sizes would
     compile static), so every kind of weight meets the same compiled graph."""
     if t.is_inference():
-        return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        alias = torch.empty(0, dtype=t.dtype)
+        return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
     return t.detach()  # also drops a view's base, which dynamo would guard on
 
 
@@ -126,8 +127,11 @@ def swiglu_expert(x_1D: Tensor, w_gate_HD: Tensor, w_up_HD: Tensor, w_down_DH: T
     """``scale * w_down @ (silu(w_gate @ x) * (w_up @ x))`` for one row, (1, D), as one compiled call (three
     streaming reductions, the elementwise steps in fp32 between them), or None when the kernel does not
     apply (see :func:`single_row_kernel`) and the caller runs its own ops. scale: one element."""
-    if not (single_row_kernel(x_1D, w_up_HD) and w_gate_HD.is_contiguous() and w_down_DH.is_contiguous()):
-        return None
+    H, D = w_up_HD.shape
+    if not (single_row_kernel(x_1D, w_up_HD) and w_gate_HD.shape == w_up_HD.shape
+            and w_down_DH.shape == (D, H) and w_gate_HD.dtype == w_down_DH.dtype == w_up_HD.dtype
+            and w_gate_HD.is_contiguous() and w_down_DH.is_contiguous()):
+        return None  # (a shape error inside the compiled call would read as "no compiler")
     y_D = _KERNELS.run("swiglu_expert", x_1D.reshape(-1), w_gate_HD, w_up_HD, w_down_DH,
                        scale.reshape(()).float())
     return None if y_D is None else y_D.reshape(x_1D.shape)
