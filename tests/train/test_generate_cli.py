@@ -93,3 +93,17 @@ def test_an_hf_model_directory_generates_the_same_text(run_dir, tmp_path, capsys
     (hf_dir / "tokenizer.json").write_bytes((run_dir / "tokenizer.json").read_bytes())
     assert _gen(capsys, hf_dir, "--temperature", "0") == _gen(capsys, run_dir, "--temperature", "0")
     assert _gen(capsys, hf_dir, "--seed", "4") == _gen(capsys, run_dir, "--seed", "4")
+
+
+def test_compile_flag_gives_the_same_greedy_text(run_dir, capsys):
+    """--compile decodes through one compiled graph per step: the same greedy text; the compile time is
+    reported apart from the tokens/s; with the experts kept on disk it is refused with the way out."""
+    eager = _gen(capsys, run_dir, "--temperature", "0")
+    assert generate_main([str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "24", "--threads", "1",
+                          "--no-stop-at-eot", "--temperature", "0", "--compile"]) == 0
+    out = capsys.readouterr()
+    assert out.out == eager
+    assert "decode step compiled in" in out.err and "tokens/s" in out.err
+    assert generate_main([str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "4", "--compile",
+                          "--expert-memory", "all"]) == 1
+    assert "--compile decodes with every expert resident" in capsys.readouterr().err

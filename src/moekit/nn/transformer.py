@@ -191,6 +191,17 @@ class MoETransformer(nn.Module):
             if m.cfg.router == "hash" and m.cfg.hash_balanced:
                 m.router.hash_table.copy_(balanced_hash_table(token_counts_V, m.cfg.num_experts))
 
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, S) ids -> (B, S, D) input of the first block."""
+        x = self.embed(input_ids)
+        return x * self.config.embed_scale if self.config.embed_scale != 1.0 else x
+
+    def head(self, x_BSD: Tensor) -> Tensor:
+        """The last block's output -> logits (B, S, V): final norm, the (tied or own) head, the divisor."""
+        x = self.norm(x_BSD)
+        logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return logits / self.config.logits_divisor if self.config.logits_divisor != 1.0 else logits
+
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None,
                 kv_cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids: (B, S) int64. labels: (B, S) targets aligned with the positions (the *next* token of
@@ -208,9 +219,7 @@ class MoETransformer(nn.Module):
         if past + S > self.config.max_seq_len:
             raise ValueError(f"sequence length {past + S} exceeds max_seq_len={self.config.max_seq_len}")
         dev = input_ids.device
-        x = self.embed(input_ids)
-        if self.config.embed_scale != 1.0:
-            x = x * self.config.embed_scale
+        x = self.embed_tokens(input_ids)
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.bool()
@@ -241,10 +250,7 @@ class MoETransformer(nn.Module):
                 moe_outputs[block.idx] = moe_out
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = self.norm(x)
-        logits = linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
-        if self.config.logits_divisor != 1.0:
-            logits = logits / self.config.logits_divisor
+        logits = self.head(x)
         loss = None
         if labels is not None:
             if attention_mask is not None:

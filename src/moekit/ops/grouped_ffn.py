@@ -316,6 +316,22 @@ def _few_rows_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A:
     return out_TD
 
 
+def _gathered_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tensor, w_gate: Tensor | None,
+                      w_up: Tensor, w_down: Tensor, activation: str) -> Tensor:
+    """The traced form of a few rows without autograd (a compiled decode step): every assignment reads its
+    expert's matrices by index inside a product-and-sum the compiler fuses into one reduction, so nothing is
+    sorted, counted or synced on the host and the (A, H, D) gather is never materialised. Equal to
+    :func:`_sorted_forward` to rounding (each sum runs in the reduction's order)."""
+    E = w_up.shape[0]
+    e_A = expert_A.clamp_max(E - 1)  # a dropped assignment (id E) reads expert E-1 and is weighted 0
+    w_A = torch.where(expert_A < E, weight_A, 0).to(x_TD.dtype)
+    x_A1D = x_TD.index_select(0, token_A).unsqueeze(1)
+    u_AH = (w_up[e_A] * x_A1D).sum(-1)
+    h_AH = F.silu((w_gate[e_A] * x_A1D).sum(-1)) * u_AH if w_gate is not None else _act(activation, u_AH)
+    y_AD = (w_down[e_A] * h_AH.unsqueeze(1)).sum(-1) * w_A.unsqueeze(1)
+    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+
+
 def _wants_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -327,11 +343,14 @@ def grouped_ffn(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A: Tenso
     x_TD: (T, D); token_A, expert_A (int64) and weight_A: (A,) in any order, ``expert_A == E`` marking
     an assignment dropped by the capacity limit (it contributes 0 and gets a 0 gradient);
     w_gate, w_up: (E, H, D) (w_gate None without a gate); w_down: (E, D, H). Returns (T, D).
-    Under ``torch.compile`` this is the custom op ``moekit::grouped_ffn``; eagerly, an autograd
-    Function over the same kernels.
+    Under ``torch.compile`` this is the custom op ``moekit::grouped_ffn`` (a few rows without autograd: a
+    fused gathered reduction); eagerly, an autograd Function over the same kernels.
     """
+    few = token_A.numel() <= FEW_ASSIGNMENTS and not _wants_grad(x_TD, weight_A, w_gate, w_up, w_down)
     if torch.compiler.is_compiling():
+        if few:
+            return _gathered_forward(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)
         return torch.ops.moekit.grouped_ffn(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)[0]
-    if token_A.numel() <= FEW_ASSIGNMENTS and not _wants_grad(x_TD, weight_A, w_gate, w_up, w_down):
+    if few:
         return _few_rows_forward(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)
     return _GroupedFFN.apply(x_TD, token_A, expert_A, weight_A, w_gate, w_up, w_down, activation)
