@@ -53,3 +53,20 @@ def test_bench_generate_runs_a_dense_model(checkpoints, tmp_path):
     weights = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
     assert r["expert_bytes"] == 0 and r["non_expert_bytes"] == weights
     assert r["tokens_per_s"] > 0
+
+
+def test_bench_generate_compiled_counts_the_same_weights(checkpoints, tmp_path):
+    """--compile decodes through the compiled step: the weights a step touches (from the experts it counted)
+    equal the eager run's at batch 1 and 2, and the compile time is reported apart; offloaded it is refused."""
+    run = str(checkpoints["moekit"])
+    common = ["--batch", "1,2", "--prompt-len", "6", "--new-tokens", "5", "--threads", "1"]
+    rows = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / f"{mode}.json"
+        assert main(["generate", run, *common, "--json", str(out), *(["--compile"] if mode == "compiled" else [])]) == 0
+        rows[mode] = json.loads(out.read_text())["results"]
+    for eager, comp in zip(rows["eager"], rows["compiled"]):
+        assert comp["compiled"] and comp["compile_s"] > 0 and not eager["compiled"]
+        assert comp["weights_touched_per_step_bytes"] == eager["weights_touched_per_step_bytes"]
+        assert comp["tokens_per_s"] > 0
+    assert main(["generate", run, "--expert-memory", "all", "--compile", "--new-tokens", "3"]) == 1

@@ -100,7 +100,7 @@ def test_compile_flag_gives_the_same_greedy_text(run_dir, capsys):
     reported apart from the tokens/s; with the experts kept on disk it is refused with the way out."""
     eager = _gen(capsys, run_dir, "--temperature", "0")
     assert generate_main([str(run_dir), "--prompt", PROMPT, "--max-new-tokens", "24", "--threads", "1",
-                          "--no-stop-at-eot", "--temperature", "0", "--compile"]) == 0
+                          "--no-stop-at-eot", "--temperature", "0", "--compile"]) == 0, capsys.readouterr().err
     out = capsys.readouterr()
     assert out.out == eager
     assert "decode step compiled in" in out.err and "tokens/s" in out.err

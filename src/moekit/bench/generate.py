@@ -48,6 +48,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--prefetch-oracle", default=None, metavar="PATH",
                    help="with --expert-memory: prefetch from a --trace of the same run, a perfect "
                         "prediction: what prefetch hides at best (default none: predict from the routers)")
+    g.add_argument("--compile", action="store_true",
+                   help="resident only: decode through the compiled step (moekit.infer.CompiledDecoder); the "
+                        "compile time is reported as compile_s, outside the timings (default off: eager)")
     g.add_argument("--json", metavar="PATH",
                    help="write the figures of every batch size here as JSON (default none)")
 
@@ -58,10 +61,11 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def _touched_bytes(model: Any, out: Any, B: int, expert_bytes: int, non_expert: int) -> int:
+def _touched_bytes(model: Any, counts: dict[int, Any], B: int, expert_bytes: int, non_expert: int) -> int:
+    """counts: MoE layer -> (E,) assignments each expert computed this step."""
     emb = model.embed.weight
     rows = 0 if model.lm_head is None else emb.numel() * emb.element_size() - B * emb.shape[1] * emb.element_size()
-    experts = sum(int((s.tokens_per_expert > 0).sum()) for s in out.stats.values())
+    experts = sum(int((c > 0).sum()) for c in counts.values())
     return non_expert - rows + experts * expert_bytes
 
 
@@ -92,7 +96,7 @@ class _Timings:
 def bench_generate(path: str, batch: int = 1, expert_memory: str | None = None, policy: str = "lru",
                    prefetch: bool = True, read: str = "pread", prompt_len: int = 32, new_tokens: int = 64,
                    dtype: str | None = None, seed: int = 0, trace: str | None = None, oracle: str | None = None,
-                   ) -> dict[str, Any]:
+                   compile: bool = False) -> dict[str, Any]:
     """The figures of one batch size (see the module docstring)."""
     from moekit.infer.memory import PeakRSS, page_cache_bytes, rss
 
@@ -102,8 +106,10 @@ def bench_generate(path: str, batch: int = 1, expert_memory: str | None = None, 
     cache0 = page_cache_bytes()
     with PeakRSS() as peak, torch.inference_mode():
         m = _load(path, expert_memory, policy, prefetch, read, dtype, oracle)
-        tm = _measure(m, peak, batch, prompt_len, new_tokens, seed)
+        decoder, compile_s = _compiled(m, batch, prompt_len + new_tokens) if compile else (None, 0.0)
+        tm = _measure(m, peak, batch, prompt_len, new_tokens, seed, decoder)
     res = _figures(m, tm, peak, base, cache0, batch, prompt_len, new_tokens)
+    res |= {"compiled": compile, "compile_s": compile_s}
     if m.om is None:
         res |= {"expert_hit_rate": 1.0, "optimal_hit_rate": 1.0, "expert_bytes_read_per_token": 0}
         return res
@@ -112,6 +118,16 @@ def bench_generate(path: str, batch: int = 1, expert_memory: str | None = None, 
         m.om.save_trace(trace)
     m.om.close()
     return res
+
+
+def _compiled(m: _Loaded, batch: int, total: int) -> tuple[Any, float]:
+    """A compiled decoder for the resident model, its graph compiled for this batch and length."""
+    from moekit.infer.compiled import CompiledDecoder
+
+    if m.om is not None:
+        raise ValueError("--compile measures the resident model: drop --expert-memory, or --compile")
+    decoder = CompiledDecoder(m.model)
+    return decoder, decoder.warm_up(batch, total)
 
 
 def _load(path: str, expert_memory: str | None, policy: str, prefetch: bool, read: str, dtype: str | None,
@@ -166,8 +182,10 @@ def _load_offloaded(path: str, expert_memory: str, policy: str, prefetch: bool, 
                           predictor=predictor)
 
 
-def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int, seed: int) -> _Timings:
-    """Greedy decoding of random prompts with the KV cache, each step timed (after the disk's bandwidth)."""
+def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int, seed: int,
+             decoder: Any = None) -> _Timings:
+    """Greedy decoding of random prompts with the KV cache, each step timed (after the disk's bandwidth);
+    with a ``decoder`` (:class:`moekit.infer.CompiledDecoder`, compiled beforehand) through its steps."""
     from moekit.infer.memory import sequential_read_gbps
     from moekit.infer.load import ready_to_decode
 
@@ -189,13 +207,19 @@ def _measure(m: _Loaded, peak: Any, batch: int, prompt_len: int, new_tokens: int
     ttft = time.perf_counter() - t0
     read_prefill = (om.cache.store.bytes_read if om is not None else 0) - read0
     st0 = om.stats() if om is not None else None
+    state = decoder.start(kv, None, prompt_len + new_tokens) if decoder is not None else None
     itl, touched = [], []
     for _ in range(new_tokens - 1):  # 2. decode steps
         t1 = time.perf_counter()
-        out = model(nxt.unsqueeze(1), kv_cache=kv)
-        nxt = out.logits[:, -1].argmax(-1)
+        if state is not None:
+            logits, counts = decoder.step(nxt.unsqueeze(1), state)
+        else:
+            out = model(nxt.unsqueeze(1), kv_cache=kv)
+            logits, counts = out.logits[:, -1], None
+        nxt = logits.argmax(-1)
         itl.append(time.perf_counter() - t1)
-        touched.append(_touched_bytes(model, out, batch, m.expert_bytes, m.non_expert))
+        counts = counts if counts is not None else {i: s.tokens_per_expert for i, s in out.stats.items()}
+        touched.append(_touched_bytes(model, counts, batch, m.expert_bytes, m.non_expert))
         peak.sample()
     return _Timings(ttft, itl, touched, disk_bw, read0, read_prefill, st0)
 
@@ -271,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
         tr = args.trace if (args.trace is None or len(batches) == 1) else f"{args.trace}.b{b}"
         try:
             r = bench_generate(args.run_dir, b, args.expert_memory, args.expert_cache, args.prefetch, args.read,
-                               args.prompt_len, args.new_tokens, args.dtype, args.seed, tr, args.prefetch_oracle)
+                               args.prompt_len, args.new_tokens, args.dtype, args.seed, tr, args.prefetch_oracle,
+                               args.compile)
         except (ValueError, FileNotFoundError) as e:
             print(f"moekit bench generate: error: {e}", file=sys.stderr)
             return 1
@@ -282,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
               f"{r['peak_rss_anon_bytes'] / 2**20:.0f} MiB file {r['peak_rss_file_bytes'] / 2**20:.0f} MiB, hit "
               f"{r['expert_hit_rate']:.3f} (MIN {r['optimal_hit_rate']:.3f}), expert bytes/token "
               f"{r['expert_bytes_read_per_token'] / 2**20:.1f} MiB, bandwidth utilisation "
-              f"{r['bandwidth_utilization']:.2f} of {r['bandwidth_gbps_measured']:.1f} GB/s")
+              f"{r['bandwidth_utilization']:.2f} of {r['bandwidth_gbps_measured']:.1f} GB/s"
+              + (f", compiled in {r['compile_s']:.1f}s" if r["compiled"] else ""))
     if args.json:
         from moekit.rundir import atomic_write_json
 

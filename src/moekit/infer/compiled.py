@@ -27,6 +27,7 @@ from moekit.nn.transformer import MoETransformer
 __all__ = ["CompiledDecoder", "DecodeState", "StaticKVCache", "decode_step", "static_length"]
 
 MIN_SLOTS = 64
+MAX_GRAPHS = 64  # compiled decode graphs one process may hold (models x batch sizes x lengths)
 
 
 def static_length(n: int, max_len: int) -> int:
@@ -154,7 +155,10 @@ class CompiledDecoder:
             out = self._fn(*args)
         else:
             try:
-                out = self._fn(*args)
+                # each (model, batch size, length) is one more graph of the same function: a process that
+                # decodes with several models must not hit dynamo's default of 8 (scoped to this call)
+                with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                    out = self._fn(*args)
             except Exception as e:  # the compiler met code it cannot trace: name it, offer the way on
                 raise ValueError(f"this model's decode step does not compile ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); decode without compiling") from e

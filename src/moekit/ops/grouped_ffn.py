@@ -324,11 +324,13 @@ def _gathered_forward(x_TD: Tensor, token_A: Tensor, expert_A: Tensor, weight_A:
     :func:`_sorted_forward` to rounding (each sum runs in the reduction's order)."""
     E = w_up.shape[0]
     e_A = expert_A.clamp_max(E - 1)  # a dropped assignment (id E) reads expert E-1 and is weighted 0
-    w_A = torch.where(expert_A < E, weight_A, 0).to(x_TD.dtype)
-    x_A1D = x_TD.index_select(0, token_A).unsqueeze(1)
-    u_AH = (w_up[e_A] * x_A1D).sum(-1)
-    h_AH = F.silu((w_gate[e_A] * x_A1D).sum(-1)) * u_AH if w_gate is not None else _act(activation, u_AH)
-    y_AD = (w_down[e_A] * h_AH.unsqueeze(1)).sum(-1) * w_A.unsqueeze(1)
+    w_A = torch.where(expert_A < E, weight_A.float(), 0)
+    # in fp32, as the single-row kernels: bf16 products summed in fp32, rounded once at the end
+    x_A1D = x_TD.index_select(0, token_A).unsqueeze(1).float()
+    u_AH = (w_up[e_A].float() * x_A1D).sum(-1)
+    h_AH = (F.silu((w_gate[e_A].float() * x_A1D).sum(-1)) * u_AH if w_gate is not None
+            else _act(activation, u_AH))
+    y_AD = ((w_down[e_A].float() * h_AH.unsqueeze(1)).sum(-1) * w_A.unsqueeze(1)).to(x_TD.dtype)
     return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
 
 
