@@ -96,8 +96,9 @@ class DecodeState:
 
 class CompiledDecoder:
     """``dec = CompiledDecoder(model)``; after an eager prefill into a :class:`KVCache`,
-    ``state = dec.start(cache, attention_mask, total)`` and then ``logits_BV, counts = dec.step(ids_B1, state)``
-    per token. ``compile_s`` adds up the seconds spent compiling (first calls of new shapes)."""
+    ``state = dec.start(cache, attention_mask, total)`` and then
+    ``logits_BV, counts = dec.step(ids_B1, state)`` per token. ``compile_s`` adds up the seconds spent
+    compiling (first calls of new shapes); ``steps`` counts the steps run."""
 
     def __init__(self, model: MoETransformer):
         if model.training:
@@ -109,6 +110,7 @@ class CompiledDecoder:
                                  "(not offloaded, quantized or spread over ranks); decode without compiling")
         self.model = model
         self.compile_s = 0.0
+        self.steps = 0  # steps decoded, warm-up included
         self._fn = torch.compile(decode_step, fullgraph=True, dynamic=False)
         self._seen: set[tuple] = set()
 
@@ -143,6 +145,16 @@ class CompiledDecoder:
             pos_B1 = torch.full((B, 1), S, dtype=torch.long, device=k[0].device)
         return DecodeState(k, v, S, pos_B1, key_mask_BL)
 
+    def to_cache(self, state: DecodeState) -> KVCache:
+        """The positions written so far as an eager :class:`KVCache` (views of the static buffers, no window
+        trimming: as the serving engine keeps its caches), to go on decoding eagerly (e.g. in a batch)."""
+        cache = KVCache(len(state.k))
+        cache.k = [t[:, :, :state.slot] for t in state.k]
+        cache.v = [t[:, :, :state.slot] for t in state.v]
+        mask = state.key_mask_BL[:, :state.slot]
+        cache.mask = None if bool(mask.all()) else mask
+        return cache
+
     def step(self, ids_B1: Tensor, state: DecodeState) -> tuple[Tensor, dict[int, Tensor]]:
         """:func:`decode_step` for ``ids_B1`` at the state's next slot: (logits (B, V), {MoE layer: (E,)
         counts}); advances the state."""
@@ -166,4 +178,5 @@ class CompiledDecoder:
             self._seen.add(key)
             self.compile_s += time.perf_counter() - t0
         state.advance()
+        self.steps += 1
         return out

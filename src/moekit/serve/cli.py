@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill chunks ride in the decode step's forward (decode rows padded) instead of a "
                         "forward of their own; rounds differently, so greedy output under concurrency matches "
                         "less often (default off)")
+    p.add_argument("--compile", action="store_true",
+                   help="a request decoding alone (one running, or --deterministic) takes the compiled decode "
+                        "step (moekit.infer.CompiledDecoder): compiled at start, before /health is 200; "
+                        "resident models only (default off)")
     p.add_argument("--in-process", action="store_true",
                    help="decode on a thread of the server's process instead of a process of its own; the HTTP "
                         "side's Python then competes with decoding for one interpreter lock (default off)")
@@ -115,6 +119,8 @@ def start_engine(model, tok, model_dir: str, metrics, *, offloaded=None, trace: 
 
     _, end = special_ids(model, tok, model_dir)
     engine = Engine(model, tok, eos_id=end, metrics=metrics, **engine_kw).start()
+    if engine.compile_s:
+        print(f"moekit serve: decode step compiled in {engine.compile_s:.1f}s", file=sys.stderr, flush=True)
     if offloaded is not None and metrics is not None:
         metrics.watch_cache(offloaded.stats)
     return Loaded(engine, ChatTemplate.from_dir(model_dir), lambda text: encode(tok, text),
@@ -136,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model_dir).is_dir():
         print(f"moekit serve: error: {args.model_dir} is not a directory", file=sys.stderr)
         return 2
+    if args.compile and args.expert_memory is not None:
+        print("moekit serve: error: --compile decodes with every expert resident: drop --expert-memory, or "
+              "--compile", file=sys.stderr)
+        return 2
     try:
         import uvicorn
     except ImportError:
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                            deterministic=args.deterministic, dtype=args.dtype,
                            stats_interval=args.stats_interval, expert_window=args.expert_window,
                            prefill_chunk=args.prefill_chunk, mixed_prefill=args.mixed_prefill,
-                           threads=args.threads,
+                           compile=args.compile, threads=args.threads,
                            offload=offload_kwargs(args) if args.expert_memory is not None else None,
                            trace=args.trace if args.expert_memory is not None else None)
 

@@ -34,8 +34,10 @@ import torch
 from torch import Tensor
 
 from moekit.data import decode
+from moekit.infer.compiled import DecodeState
 from moekit.infer.generate import sample_next
 from moekit.nn.attention import KVCache
+from moekit.serve.compiled_steps import CompiledSteps
 from moekit.serve.kvbatch import empty_like, split_batch, stack_caches
 from moekit.serve.metrics import ExpertLoad, ServeMetrics
 from moekit.serve.router_tap import RouterTap
@@ -105,6 +107,7 @@ class Sequence:
     text: StopText
     generator: torch.Generator
     cache: KVCache | None = None
+    state: DecodeState | None = None  # stepping alone, compiled (CompiledSteps): its cache, not ``cache``
     prefilled: int = 0  # prompt tokens in the cache
     pending: int | None = None  # sampled, not yet fed to the model
     out_ids: list[int] = field(default_factory=list)
@@ -117,7 +120,8 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, deterministic: bool = False,
                  eos_id: int | None = None, metrics: ServeMetrics | None = None, stats_interval: int = 1,
-                 expert_window: int = 256, prefill_chunk: int = 16, mixed_prefill: bool = False):
+                 expert_window: int = 256, prefill_chunk: int = 16, mixed_prefill: bool = False,
+                 compile: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -142,6 +146,8 @@ class Engine:
         self._mixed = (mixed_prefill and not deterministic and prefill_chunk > 0
                        and not any(model.new_kv_cache().windows))
         self._batch: tuple[list[Sequence], KVCache, list[int]] | None = None
+        self._compiled = CompiledSteps(self.model, self.max_seq_len) if compile else None  # requests alone
+        self.compile_s = self._compiled.compile_s if compile else 0.0
         self._next_id = 0
         self._forwards = 0
         self._stopping = False
@@ -251,13 +257,14 @@ class Engine:
 
     def _forward(self, ids_BS: Tensor, cache: KVCache, mask_BS: Tensor | None = None) -> Tensor:
         out = self.model(ids_BS, kv_cache=cache, attention_mask=mask_BS, logits_to_keep=1)
-        self._forwards += 1
-        if self._tap is not None:
-            # not out.stats: that computes every balancing term (router_tap); padding is not counted
-            counts_LE = self._tap.take(None if mask_BS is None else mask_BS.reshape(-1).bool())
-            if counts_LE is not None and self._forwards % self.stats_interval == 0:
-                self.experts.add(counts_LE)
+        valid_T = None if mask_BS is None else mask_BS.reshape(-1).bool()  # padding is not counted
+        self._count(None if self._tap is None else self._tap.take(valid_T))  # not out.stats: see router_tap
         return out.logits[:, -1]
+
+    def _count(self, counts_LE) -> None:
+        self._forwards += 1
+        if counts_LE is not None and self._forwards % self.stats_interval == 0:
+            self.experts.add(counts_LE)
 
     def _prefill_step(self) -> None:
         """Prefill admitted requests. While others decode (and not ``deterministic``), only one chunk of
@@ -306,7 +313,9 @@ class Engine:
         self._unbatch()
         for seq in seqs:
             try:
-                logits_1V = self._forward(torch.tensor([[seq.pending]]), seq.cache)
+                ids_11 = torch.tensor([[seq.pending]])
+                logits_1V = (self._forward(ids_11, seq.cache) if self._compiled is None
+                             else self._compiled.step(seq, ids_11, self._tap and self._tap.layers, self._count))
             except Exception as e:  # noqa: BLE001 - a model failure fails its request only
                 self._fail(seq, e)
                 continue
@@ -347,6 +356,8 @@ class Engine:
         if self._batch is not None and self._batch[0] == members and self._batch[1].length + n <= self.max_seq_len:
             return self._batch[1]
         self._unbatch()
+        if self._compiled is not None:
+            self._compiled.to_eager(members)
         for seq in members:
             if seq.cache is None:  # a rider's first chunk: an empty cache shaped like the others'
                 seq.cache = empty_like(members[0].cache)
@@ -395,7 +406,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.done:
             return
-        seq.done, seq.cache = True, None
+        seq.done, seq.cache, seq.state = True, None, None
         ended = seq.out_ids and seq.out_ids[-1] == self.eos_id and not seq.params.ignore_eos
         n_out = len(seq.out_ids) - (1 if ended else 0)
         self._send(seq, Event("finish", finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
@@ -404,6 +415,6 @@ class Engine:
     def _fail(self, seq: Sequence, error: Exception | str) -> None:
         if isinstance(error, Exception):
             log.error("request %d failed in the model: %r", seq.id, error, exc_info=error)
-        seq.done, seq.cache = True, None
+        seq.done, seq.cache, seq.state = True, None, None
         msg = error if isinstance(error, str) else f"the model failed on this request: {type(error).__name__}: {error}"
         self._send(seq, Event("error", message=msg))

@@ -312,6 +312,8 @@ def _start(spec: EngineSpec) -> tuple[Any, Any, dict]:
     model, tok, om = open_model(spec.model_dir, spec.dtype, spec.threads, spec.offload, spec.trace is not None)
     _, end = special_ids(model, tok, spec.model_dir)
     engine = Engine(model, tok, eos_id=end, **spec.engine_kw).start()
+    if engine.compile_s:
+        print(f"moekit serve: decode step compiled in {engine.compile_s:.1f}s", file=sys.stderr, flush=True)
     info = {"max_seq_len": engine.max_seq_len, "vocab_size": model.config.vocab_size, "eos_id": end,
             "tokenizer": tok.to_str(), "threads": torch.get_num_threads(), "experts": engine.experts is not None,
             "offloaded": om is not None}

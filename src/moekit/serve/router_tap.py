@@ -41,6 +41,8 @@ class RouterTap:
 
     def _hook(self, layer: int):
         def hook(module, args, routing):
+            if torch.compiler.is_compiling():  # a compiled decode step returns its counts itself
+                return
             if threading.get_ident() == self._thread:  # references: counting waits until take()
                 rows = routing.probs_TE.shape[0]  # every token of the forward, or only its real ones
                 if routing.indices_TK is not None:
