@@ -15,6 +15,19 @@ from _serve_helpers import free_port, start_stream
 from moekit.serve.cli import build_parser
 
 
+def _wait_healthy(proc, url: str, timeout: float) -> None:
+    """Until /health answers 200; the server's stderr if it exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 def test_defaults_bind_localhost():
     args = build_parser().parse_args(["some/dir"])
     assert (args.host, args.port, args.api_key, args.deterministic) == ("127.0.0.1", 8000, None, False)
@@ -26,15 +39,7 @@ def test_serve_then_sigterm_finishes_in_flight_and_exits_0(run_dir):
     proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(run_dir), "--port", str(port),
                              "--threads", "1", "--grace", "20"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        _wait_healthy(proc, url, 30)
         events, started, t = start_stream(url, 150, timeout=30)
         assert started.wait(20)
         proc.send_signal(signal.SIGTERM)
@@ -66,15 +71,7 @@ def test_serve_compile_answers_what_generate_gives(run_dir):
     proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(run_dir), "--port", str(port),
                              "--threads", "1", "--compile"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240  # a cold compile on a fresh machine
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        _wait_healthy(proc, url, 240)  # a cold compile on a fresh machine
         name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         body = {"model": name, "prompt": "def parse_", "max_tokens": 12, "temperature": 0}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
