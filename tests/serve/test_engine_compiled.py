@@ -1,5 +1,6 @@
-"""`moekit serve --compile`: a request decoding alone takes the compiled step, and its output, its expert
-counts and the hand-over to and from the batched (eager) path are what the eager engine gives."""
+"""`moekit serve --compile`: the running batch decodes in the compiled rows step (alone or together), each
+request alone with --deterministic; outputs, expert counts and the eager retry of a failed step against
+the eager engine and ``generate``."""
 from __future__ import annotations
 
 import threading
@@ -41,7 +42,8 @@ def test_alone_requests_equal_generate_and_count_their_experts(model_tok):
         assert eng.compile_s > 0
         outs = _run(eng, PROMPTS, 12, together=False)
         counted = int(eng.experts.total_LE.sum())
-        assert eng._compiled.decoder.steps == 1 + 11 * len(PROMPTS)  # the warm-up, then every decode step
+        # the warm-up (one step per bucket: 1, 2, 4 rows), then every decode step
+        assert eng._rows.rows.steps == 3 + 11 * len(PROMPTS)
     finally:
         eng.shutdown()
     for p, out in zip(PROMPTS, outs):
@@ -65,9 +67,10 @@ def test_deterministic_concurrent_requests_equal_generate(model_tok):
         assert out == generate(model, torch.tensor([p]), 16, temperature=0)[0, len(p):].tolist()
 
 
-def test_batching_takes_over_from_the_compiled_step(model_tok):
-    """Requests that overlap go from the compiled step (alone) to the eager batch and back: every one
-    completes with all its tokens, and agrees with the eager engine on the same workload."""
+def test_batched_requests_in_compiled_rows_agree_with_the_eager_engine(model_tok):
+    """Requests that overlap share the compiled step (rows join and leave as they start and finish): every
+    one completes with all its tokens, agrees with the eager engine on the same workload, and the expert
+    counts are those of the real rows only (padding rows of a bucket are not counted)."""
     model, tok = model_tok
     eager = Engine(model, tok, max_batch=4).start()
     try:
@@ -77,8 +80,36 @@ def test_batching_takes_over_from_the_compiled_step(model_tok):
     eng = Engine(model, tok, max_batch=4, compile=True).start()
     try:
         got = _run(eng, PROMPTS, 16, together=True)
+        counted = int(eng.experts.total_LE.sum())
     finally:
         eng.shutdown()
     assert [len(o) for o in got] == [16] * len(PROMPTS)
     same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
     assert same >= 0.9 * 16 * len(PROMPTS)  # batched rows round differently from a row alone
+    fed = sum(len(p) + 15 for p in PROMPTS)
+    assert counted == fed * model.config.moe.top_k * len(eng.experts.layers)
+
+
+def test_a_failed_compiled_step_is_retried_eagerly(model_tok, monkeypatch):
+    """A compiled step that raises gives every row its cache back (copies) and the step runs eagerly row by
+    row: no request fails, and the greedy outputs are still generate()'s; the rows serve the next steps."""
+    model, tok = model_tok
+    eng = Engine(model, tok, max_batch=2, compile=True)
+    real_step, calls = eng._rows.rows.step, []
+
+    def flaky(ids_n1):
+        calls.append(ids_n1.shape[0])
+        if len(calls) in (3, 4):
+            raise RuntimeError("injected")
+        return real_step(ids_n1)
+
+    monkeypatch.setattr(eng._rows.rows, "step", flaky)
+    eng.start()
+    try:
+        outs = _run(eng, PROMPTS[:2], 10, together=True)
+    finally:
+        eng.shutdown()
+    assert len(calls) > 6  # the rows took the steps after the failures again
+    for p, out in zip(PROMPTS[:2], outs):
+        want = generate(model, torch.tensor([p]), 10, temperature=0)[0, len(p):].tolist()
+        assert sum(a == b for a, b in zip(out, want)) >= 9  # batched rows may round a near tie differently

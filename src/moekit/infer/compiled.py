@@ -24,7 +24,8 @@ from moekit.nn.attention import KVCache
 from moekit.nn.rope import rope_tables
 from moekit.nn.transformer import MoETransformer
 
-__all__ = ["CompiledDecoder", "DecodeState", "StaticKVCache", "decode_step", "static_length"]
+__all__ = ["CompiledDecoder", "DecodeRows", "DecodeState", "StaticKVCache", "decode_step", "rows_step",
+           "static_length"]
 
 MIN_SLOTS = 64
 MAX_GRAPHS = 64  # compiled decode graphs one process may hold (models x batch sizes x lengths)
@@ -51,6 +52,25 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]
 
 
+def _through_layers(model: MoETransformer, ids_B1: Tensor, pos_B1: Tensor, slot_B1: Tensor, key_mask_BL: Tensor,
+                    cache, token_mask_B1: Tensor | None) -> tuple[Tensor, dict[int, Tensor]]:
+    """The one-query forward both steps share: ``slot_B1`` each row's new slot (its key sees the slots up to
+    it that ``key_mask_BL`` admits, and a window's last ``w``), ``pos_B1`` its RoPE position."""
+    B, L = key_mask_BL.shape
+    x = model.embed_tokens(ids_B1)
+    cos, sin = (t.unsqueeze(1) for t in rope_tables(pos_B1, model.config, x.dtype))  # (B, 1, 1, d)
+    slots_L = torch.arange(L, device=ids_B1.device)
+    seen_BL = key_mask_BL & (slots_L <= slot_B1)
+    masks = {w: (seen_BL if w is None else seen_BL & (slot_B1 - slots_L < w)).view(B, 1, 1, L)
+             for w in {b.window for b in model.layers}}
+    counts: dict[int, Tensor] = {}
+    for block in model.layers:
+        x, moe_out = block(x, cos, sin, masks[block.window], token_mask_B1, cache, ids_B1)
+        if moe_out is not None:
+            counts[block.idx] = moe_out.stats.tokens_per_expert
+    return model.head(x)[:, -1], counts
+
+
 def decode_step(model: MoETransformer, ids_B1: Tensor, slot_1: Tensor, pos_B1: Tensor, key_mask_BL: Tensor,
                 k: list[Tensor], v: list[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
     """(logits (B, V) of the next token after ``ids_B1``, {MoE layer index: (E,) assignments each expert
@@ -58,20 +78,36 @@ def decode_step(model: MoETransformer, ids_B1: Tensor, slot_1: Tensor, pos_B1: T
     it: left padding does not count); ``key_mask_BL`` is False on padded slots. The forward of
     :class:`MoETransformer` for one query, with static shapes; of the layers' statistics only the counts
     are returned, so the compiler drops the rest (balancing terms, entropies)."""
-    B, L = key_mask_BL.shape
-    x = model.embed_tokens(ids_B1)
-    cos, sin = (t.unsqueeze(1) for t in rope_tables(pos_B1, model.config, x.dtype))  # (B, 1, 1, d)
-    slots_L = torch.arange(L, device=ids_B1.device)
-    seen_BL = key_mask_BL & (slots_L <= slot_1)
-    masks = {w: (seen_BL if w is None else seen_BL & (slot_1 - slots_L < w)).view(B, 1, 1, L)
-             for w in {b.window for b in model.layers}}
-    cache = StaticKVCache(k, v, slot_1)
-    counts: dict[int, Tensor] = {}
-    for block in model.layers:
-        x, moe_out = block(x, cos, sin, masks[block.window], None, cache, ids_B1)
-        if moe_out is not None:
-            counts[block.idx] = moe_out.stats.tokens_per_expert
-    return model.head(x)[:, -1], counts
+    return _through_layers(model, ids_B1, pos_B1, slot_1, key_mask_BL, StaticKVCache(k, v, slot_1), None)
+
+
+class RowsKVCache:
+    """``update`` for :func:`rows_step`: row b's new key goes to slot ``slot_B1[b]`` of row b of the layer's
+    (R, h, Lmax, d) buffers, in place (``index_put_``: a scatter would make the compiler copy the buffer);
+    the attention reads rows :B and slots :L."""
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], slot_B1: Tensor, L: int):
+        self.k, self.v, self.L = k, v, L
+        B = slot_B1.shape[0]
+        h_1h = torch.arange(k[0].shape[1], device=slot_B1.device)[None, :]
+        self._where = (torch.arange(B, device=slot_B1.device)[:, None], h_1h, slot_B1.expand(B, h_1h.shape[1]))
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        B = k_new.shape[0]
+        self.k[layer].index_put_(self._where, k_new.squeeze(2))
+        self.v[layer].index_put_(self._where, v_new.squeeze(2))
+        return self.k[layer][:B, :, :self.L], self.v[layer][:B, :, :self.L]
+
+
+def rows_step(model: MoETransformer, ids_B1: Tensor, slot_B1: Tensor, real_B1: Tensor, slots_L: Tensor,
+              k: list[Tensor], v: list[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+    """:func:`decode_step` for rows that each stand at their own slot: row b of the buffers ``k`` / ``v``
+    (R >= B rows, Lmax slots) holds one sequence from slot 0, its next token ``ids_B1[b]`` goes to slot (and
+    RoPE position) ``slot_B1[b]``; the attention reads the first L = len(``slots_L``) slots (compiled with L
+    dynamic: one graph per B). Rows with ``real_B1`` False are padding: not routed, not counted."""
+    B, L = ids_B1.shape[0], slots_L.shape[0]
+    key_mask_BL = torch.ones(B, L, dtype=torch.bool, device=ids_B1.device)
+    return _through_layers(model, ids_B1, slot_B1, slot_B1, key_mask_BL, RowsKVCache(k, v, slot_B1, L), real_B1)
 
 
 class DecodeState:
@@ -94,6 +130,41 @@ class DecodeState:
         self.pos_B1.add_(1)
 
 
+def _check_compilable(model: MoETransformer) -> None:
+    if model.training:
+        raise ValueError("the compiled decode step runs in eval mode: call model.eval() first (training routers "
+                         "draw noise and the step would not match)")
+    for m in model.moe_layers():
+        if m.expert_parallel or not hasattr(m.experts, "w_up"):
+            raise ValueError("the compiled decode step needs the routed experts resident in this process "
+                             "(not offloaded, quantized or spread over ranks); decode without compiling")
+
+
+class _Graphs:
+    """One function under ``torch.compile`` and the seconds spent compiling its graphs (first calls of a key)."""
+
+    def __init__(self, fn):
+        self._fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        self._seen: set[tuple] = set()
+        self.compile_s = 0.0
+
+    def __call__(self, key: tuple, *args):
+        if key in self._seen:
+            return self._fn(*args)
+        t0 = time.perf_counter()
+        try:
+            # each (model, batch size, length) is one more graph of the same function: a process that
+            # decodes with several models must not hit dynamo's default of 8 (scoped to this call)
+            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                out = self._fn(*args)
+        except Exception as e:  # the compiler met code it cannot trace: name it, offer the way on
+            raise ValueError(f"this model's decode step does not compile ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); decode without compiling") from e
+        self._seen.add(key)
+        self.compile_s += time.perf_counter() - t0
+        return out
+
+
 class CompiledDecoder:
     """``dec = CompiledDecoder(model)``; after an eager prefill into a :class:`KVCache`,
     ``state = dec.start(cache, attention_mask, total)`` and then
@@ -101,18 +172,14 @@ class CompiledDecoder:
     compiling (first calls of new shapes); ``steps`` counts the steps run."""
 
     def __init__(self, model: MoETransformer):
-        if model.training:
-            raise ValueError("CompiledDecoder decodes in eval mode: call model.eval() first (training routers "
-                             "draw noise and the step would not match)")
-        for m in model.moe_layers():
-            if m.expert_parallel or not hasattr(m.experts, "w_up"):
-                raise ValueError("the compiled decode step needs the routed experts resident in this process "
-                                 "(not offloaded, quantized or spread over ranks); decode without compiling")
+        _check_compilable(model)
         self.model = model
-        self.compile_s = 0.0
         self.steps = 0  # steps decoded, warm-up included
-        self._fn = torch.compile(decode_step, fullgraph=True, dynamic=False)
-        self._seen: set[tuple] = set()
+        self._graphs = _Graphs(decode_step)
+
+    @property
+    def compile_s(self) -> float:
+        return self._graphs.compile_s
 
     def warm_up(self, batch: int, total: int) -> float:
         """Compile now the graph a generation of ``batch`` rows and ``total`` positions will use (one
@@ -161,22 +228,111 @@ class CompiledDecoder:
         if state.slot >= state.length:
             raise ValueError(f"the static cache holds {state.length} positions; start() it with a larger total")
         key = (tuple(ids_B1.shape), state.length, ids_B1.dtype, torch.is_inference_mode_enabled())
-        t0 = time.perf_counter() if key not in self._seen else None
-        args = (self.model, ids_B1, state.slot_1, state.pos_B1, state.key_mask_BL, state.k, state.v)
-        if t0 is None:
-            out = self._fn(*args)
-        else:
-            try:
-                # each (model, batch size, length) is one more graph of the same function: a process that
-                # decodes with several models must not hit dynamo's default of 8 (scoped to this call)
-                with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
-                    out = self._fn(*args)
-            except Exception as e:  # the compiler met code it cannot trace: name it, offer the way on
-                raise ValueError(f"this model's decode step does not compile ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}); decode without compiling") from e
-        if t0 is not None:
-            self._seen.add(key)
-            self.compile_s += time.perf_counter() - t0
+        out = self._graphs(key, self.model, ids_B1, state.slot_1, state.pos_B1, state.key_mask_BL, state.k, state.v)
         state.advance()
         self.steps += 1
         return out
+
+
+def row_buckets(rows: int) -> list[int]:
+    """The batch sizes :class:`DecodeRows` compiles for ``rows`` rows: powers of two below it, and itself."""
+    return sorted({1 << i for i in range(rows.bit_length()) if 1 << i < rows} | {rows})
+
+
+class DecodeRows:
+    """Up to ``rows`` sequences decoding side by side, each in a row of static per-layer buffers from slot 0:
+    ``row = dec.admit(cache)`` after a sequence's eager prefill (batch-1 ``KVCache``, copied in), then
+    ``logits_nV, counts = dec.step(ids_n1)`` for the n admitted rows in row order; ``dec.release(row)``
+    frees one (the last row moves into it, so the rows in use stay 0..n-1; returns the row that moved, or
+    None). A step over n rows runs the graph of the smallest bucket >= n (:func:`row_buckets`, padding
+    rows not routed or counted) and attends over the longest row's slots only."""
+
+    def __init__(self, model: MoETransformer, rows: int):
+        _check_compilable(model)
+        if rows < 1:
+            raise ValueError(f"rows={rows} must be >= 1")
+        self.model, self.rows = model, rows
+        self.max_len = model.config.max_seq_len
+        device = model.embed.weight.device
+        with torch.no_grad():  # the cache shapes (MLA caches latents) from a one-token prefill
+            cache = model.new_kv_cache()
+            model(torch.zeros(1, 1, dtype=torch.long, device=device), kv_cache=cache, logits_to_keep=1)
+        # one slot more than the context: L (dynamic) then never equals the buffer's length, where slicing
+        # all of it would make the compiler fix L
+        self.k = [t.new_zeros(rows, t.shape[1], self.max_len + 1, t.shape[3]) for t in cache.k]
+        self.v = [t.new_zeros(rows, t.shape[1], self.max_len + 1, t.shape[3]) for t in cache.v]
+        self.slot_R1 = torch.zeros(rows, 1, dtype=torch.long, device=device)  # each row's next slot
+        self.n = 0
+        self.steps = 0
+        self._graphs = _Graphs(rows_step)
+
+    @property
+    def compile_s(self) -> float:
+        return self._graphs.compile_s
+
+    def warm_up(self) -> float:
+        """Compile every bucket's graph now (a throwaway step each), so that no request waits for one."""
+        t0 = time.perf_counter()
+        for B in row_buckets(self.rows):
+            self.slot_R1[:B] = 1
+            self.n = B
+            self.step(torch.zeros(B, 1, dtype=torch.long, device=self.slot_R1.device))
+        self.n = 0
+        return time.perf_counter() - t0
+
+    def admit(self, cache: KVCache) -> int:
+        """Copy a batch-1, unpadded cache into the next free row; returns the row."""
+        if self.n == self.rows:
+            raise ValueError(f"all {self.rows} rows are in use: release one first")
+        if cache.mask is not None or cache.k[0].shape[0] != 1:
+            raise ValueError("admit() takes one sequence's unpadded cache (batch 1, no key mask)")
+        row, S = self.n, cache.length
+        for buf, t in (*zip(self.k, cache.k), *zip(self.v, cache.v)):
+            buf[row, :, S - t.shape[2]:S].copy_(t[0])  # a window layer kept only its last keys
+        self.slot_R1[row] = S
+        self.n += 1
+        return row
+
+    def release(self, row: int) -> int | None:
+        last = self.n - 1
+        self.n = last
+        if row == last:
+            return None
+        s = int(self.slot_R1[last])
+        for buf in (*self.k, *self.v):
+            buf[row, :, :s].copy_(buf[last, :, :s])
+        self.slot_R1[row] = s
+        return last
+
+    def clear(self) -> None:
+        """Free every row."""
+        self.n = 0
+
+    def to_cache(self, row: int) -> KVCache:
+        """The row's positions as an eager batch-1 :class:`KVCache` (views of the buffers)."""
+        s = int(self.slot_R1[row])
+        cache = KVCache(len(self.k))
+        cache.k = [t[row:row + 1, :, :s] for t in self.k]
+        cache.v = [t[row:row + 1, :, :s] for t in self.v]
+        return cache
+
+    def step(self, ids_n1: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """One token for each of the n rows in use: (logits (n, V), {MoE layer: (E,) counts})."""
+        n = self.n
+        if ids_n1.shape != (n, 1):
+            raise ValueError(f"ids must be ({n}, 1): one token per row in use, got {tuple(ids_n1.shape)}")
+        if n and int(self.slot_R1[:n].max()) >= self.max_len:
+            raise ValueError(f"a row reached the model's context of {self.max_len} positions")
+        B = next(b for b in row_buckets(self.rows) if b >= n)
+        ids_B1 = ids_n1.new_zeros(B, 1)
+        ids_B1[:n] = ids_n1
+        slot_B1 = self.slot_R1[:B].clone()
+        slot_B1[n:] = 0  # a padding row writes slot 0 of a free row
+        real_B1 = torch.arange(B, device=ids_n1.device).unsqueeze(1) < n
+        slots_L = torch.arange(int(slot_B1.max()) + 1, device=ids_n1.device)
+        torch._dynamo.mark_dynamic(slots_L, 0)
+        key = (B, ids_n1.dtype, torch.is_inference_mode_enabled())
+        logits_BV, counts = self._graphs(key, self.model, ids_B1, slot_B1, real_B1, slots_L, self.k, self.v)
+        self.slot_R1[:n] += 1
+        self.steps += 1
+        return logits_BV[:n], counts

@@ -1,8 +1,11 @@
-"""Requests that decode alone (one running, or ``--deterministic``) through the compiled decode step.
+"""The compiled decode steps of ``moekit serve --compile`` (compiled when the engine starts, before the server
+reports ready).
 
-Each such request moves its eager KV cache into a static one of the whole context once
-(:class:`moekit.infer.CompiledDecoder`, compiled when the engine starts, before the server reports ready)
-and steps there; when it has to join a batch, its positions go back into an eager cache (views, no copy).
+:class:`CompiledRows` (the default): every running request decodes in a row of
+:class:`moekit.infer.DecodeRows`, one compiled forward for the whole batch, alone or not. A request's eager
+prefill cache is copied into a free row when it starts decoding; when it leaves, the last row moves into
+its place. :class:`CompiledSteps` (``--deterministic``): each request steps alone in a static cache of its
+own (:class:`moekit.infer.CompiledDecoder`), the forward ``generate --compile`` runs.
 """
 from __future__ import annotations
 
@@ -13,9 +16,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.infer.compiled import CompiledDecoder
+from moekit.infer.compiled import CompiledDecoder, DecodeRows
 
-__all__ = ["CompiledSteps"]
+__all__ = ["CompiledRows", "CompiledSteps"]
+
+Count = Callable[[np.ndarray | None], None]
+
+
+def _counts_LE(counts: dict[int, Tensor], layers: list[int] | None) -> np.ndarray | None:
+    return None if not layers else torch.stack([counts[i] for i in layers]).numpy()
 
 
 class CompiledSteps:
@@ -25,18 +34,50 @@ class CompiledSteps:
         with torch.inference_mode():  # as the engine thread decodes
             self.compile_s = self.decoder.warm_up(1, max_seq_len)
 
-    def step(self, seq: Any, ids_11: Tensor, layers: list[int] | None,
-             count: Callable[[np.ndarray | None], None]) -> Tensor:
+    def step(self, seq: Any, ids_11: Tensor, layers: list[int] | None, count: Count) -> Tensor:
         """Logits (1, V) of one step of ``seq`` (its eager ``cache`` becomes its static ``state`` at the
         first); ``count`` gets the step's (L, E) expert counts of ``layers`` (None without layers)."""
         if seq.state is None:
             seq.state, seq.cache = self.decoder.start(seq.cache, seq.cache.mask, self.max_seq_len), None
         logits_1V, counts = self.decoder.step(ids_11, seq.state)
-        count(None if not layers else torch.stack([counts[i] for i in layers]).numpy())
+        count(_counts_LE(counts, layers))
         return logits_1V
 
-    def to_eager(self, seqs: list[Any]) -> None:
-        """Give the requests that stepped here an eager cache again, to be stacked into a batch."""
+
+class CompiledRows:
+    """The running batch in the rows of a :class:`DecodeRows` of ``max_batch`` rows; ``members[i]`` decodes
+    in row i."""
+
+    def __init__(self, model: Any, max_batch: int):
+        self.rows = DecodeRows(model, max_batch)
+        with torch.inference_mode():
+            self.compile_s = self.rows.warm_up()
+        self.members: list[Any] = []
+
+    def step(self, seqs: list[Any], layers: list[int] | None, count: Count) -> dict[Any, Tensor]:
+        """{seq: logits (1, V)} of one step of every running request (``seq.pending`` fed): those no longer
+        in ``seqs`` leave their rows first, new ones (``seq.cache`` their prefill) take free rows."""
+        running = set(seqs)
+        for row in reversed(range(len(self.members))):
+            if self.members[row] not in running:
+                if self.rows.release(row) is not None:
+                    self.members[row] = self.members[-1]
+                self.members.pop()
         for seq in seqs:
-            if seq.state is not None:
-                seq.cache, seq.state = self.decoder.to_cache(seq.state), None
+            if seq.cache is not None:  # prefilled since the last step
+                self.rows.admit(seq.cache)
+                seq.cache = None
+                self.members.append(seq)
+        ids_n1 = torch.tensor([[s.pending] for s in self.members])
+        logits_nV, counts = self.rows.step(ids_n1)
+        count(_counts_LE(counts, layers))
+        return {seq: logits_nV[i:i + 1] for i, seq in enumerate(self.members)}
+
+    def evict(self) -> None:
+        """Every member back to an eager cache of its own (copies: the rows will be reused), rows emptied."""
+        for row, seq in enumerate(self.members):
+            own = self.rows.to_cache(row)
+            own.k, own.v = [t.clone() for t in own.k], [t.clone() for t in own.v]
+            seq.cache = own
+        self.members.clear()
+        self.rows.clear()

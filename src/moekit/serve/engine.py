@@ -10,10 +10,10 @@ thread:
    prompt tokens per step, so that the others keep getting tokens; the last prompt position yields its
    first token;
 2. one decode step for every running request: their pending tokens (B, 1) go through one forward over
-   the stacked caches (``kvbatch``), or, with ``deterministic``, one forward per request. With
-   ``mixed_prefill`` a prefill chunk rides in the same forward as one more row (B + 1, n), each decode
-   row left-padded to n (masked: not attended, not routed; holes in its cache that the next re-stack
-   drops), instead of a forward of its own (~1.6x a batch-1 decode step of the default LM);
+   the stacked caches (``kvbatch``; with ``compile``, the compiled step over static rows), or, with
+   ``deterministic``, one forward per request. With ``mixed_prefill`` a prefill chunk rides in the same
+   forward as one more row (B + 1, n), its decode rows left-padded to n (masked; holes in their caches
+   that the next re-stack drops), instead of a forward of its own;
 3. each row samples its next token with its own parameters and generator; a request that hit its stop
    string, the end-of-document token or max_tokens leaves the batch, and so does one whose client went
    away (``abort``) -- so a short request never waits for a long one to finish.
@@ -37,8 +37,8 @@ from moekit.data import decode
 from moekit.infer.compiled import DecodeState
 from moekit.infer.generate import sample_next
 from moekit.nn.attention import KVCache
-from moekit.serve.compiled_steps import CompiledSteps
-from moekit.serve.kvbatch import empty_like, split_batch, stack_caches
+from moekit.serve.compiled_steps import CompiledRows, CompiledSteps
+from moekit.serve.kvbatch import empty_like, split_batch, stack_caches, step_inputs
 from moekit.serve.metrics import ExpertLoad, ServeMetrics
 from moekit.serve.router_tap import RouterTap
 from moekit.serve.text import StopText
@@ -140,14 +140,15 @@ class Engine:
         self._running: list[Sequence] = []  # decoding
         self._prefilling: list[Sequence] = []  # admitted to the batch, prompt not all in the cache yet
         self.prefill_chunk = prefill_chunk
-        # a sliding window counts cache positions, holes included: such models prefill in their own forward
-        # off by default: padded decode rows round differently (greedy agreement with c=1 fell from 100% to
-        # 98.3% at c=4), and on this CPU the step with a chunk got no faster than the two forwards
-        self._mixed = (mixed_prefill and not deterministic and prefill_chunk > 0
+        # a sliding window counts cache positions, holes included: such models prefill in their own forward.
+        # Off by default: padded rows round differently (greedy agreement with c=1 98.3% at c=4), no faster
+        self._mixed = (mixed_prefill and not deterministic and not compile and prefill_chunk > 0
                        and not any(model.new_kv_cache().windows))
         self._batch: tuple[list[Sequence], KVCache, list[int]] | None = None
-        self._compiled = CompiledSteps(self.model, self.max_seq_len) if compile else None  # requests alone
-        self.compile_s = self._compiled.compile_s if compile else 0.0
+        # compiled: each request alone (deterministic), or the whole batch in static rows
+        self._compiled = CompiledSteps(self.model, self.max_seq_len) if compile and deterministic else None
+        self._rows = CompiledRows(self.model, max_batch) if compile and not deterministic else None
+        self.compile_s = next((c.compile_s for c in (self._compiled, self._rows) if c is not None), 0.0)
         self._next_id = 0
         self._forwards = 0
         self._stopping = False
@@ -321,8 +322,22 @@ class Engine:
                 continue
             self._emit_next(seq, logits_1V)
 
+    def _rows_step(self, seqs: list[Sequence]) -> None:
+        try:
+            logits = self._rows.step(seqs, self._tap and self._tap.layers, self._count)
+        except Exception:  # noqa: BLE001 - retried eagerly, row by row, to find the request at fault
+            log.warning("a compiled step failed; retrying its %d requests one by one", len(seqs))
+            self._rows.evict()
+            self._step_alone(seqs)
+            return
+        for seq in seqs:
+            self._emit_next(seq, logits[seq])
+
     def _decode_step(self) -> None:
         seqs = list(self._running)
+        if self._rows is not None:
+            self._rows_step(seqs)
+            return
         rider = self._prefilling[0] if self._mixed and self._prefilling else None
         if rider is None and (self.deterministic or len(seqs) == 1):
             self._step_alone(seqs)
@@ -334,7 +349,8 @@ class Engine:
             rider, n = None, 1
             cache = self._stacked(seqs, n)
         members = seqs if rider is None else [*seqs, rider]
-        ids, mask = self._step_inputs(seqs, rider, n)
+        ids, mask = step_inputs([s.pending for s in seqs], None if rider is None
+                                else rider.prompt_ids[rider.prefilled:rider.prefilled + n])
         saved = (list(cache.k), list(cache.v), cache.mask)  # update() replaces tensors, never writes them
         try:
             logits_BV = self._forward(ids, cache, mask)
@@ -356,27 +372,12 @@ class Engine:
         if self._batch is not None and self._batch[0] == members and self._batch[1].length + n <= self.max_seq_len:
             return self._batch[1]
         self._unbatch()
-        if self._compiled is not None:
-            self._compiled.to_eager(members)
         for seq in members:
             if seq.cache is None:  # a rider's first chunk: an empty cache shaped like the others'
                 seq.cache = empty_like(members[0].cache)
         cache, pads = stack_caches([s.cache for s in members])
         self._batch = (members, cache, pads)
         return cache
-
-    @staticmethod
-    def _step_inputs(seqs: list[Sequence], rider: Sequence | None, n: int) -> tuple[Tensor, Tensor | None]:
-        """(ids (B, n), mask or None): each decode row's pending token left-padded to n; the rider's chunk."""
-        if rider is None:
-            return torch.tensor([[s.pending] for s in seqs]), None
-        ids = torch.zeros(len(seqs) + 1, n, dtype=torch.long)
-        mask = torch.zeros(len(seqs) + 1, n, dtype=torch.long)
-        ids[:-1, -1] = torch.tensor([s.pending for s in seqs])
-        mask[:-1, -1] = 1
-        ids[-1] = torch.tensor(rider.prompt_ids[rider.prefilled:rider.prefilled + n])
-        mask[-1] = 1
-        return ids, mask
 
     def _emit_next(self, seq: Sequence, logits_1V: Tensor) -> None:
         """Sample the next token of one request and hand its text to the sink."""

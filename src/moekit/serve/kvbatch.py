@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moekit.nn.attention import KVCache
 
-__all__ = ["empty_like", "split_batch", "stack_caches"]
+__all__ = ["empty_like", "split_batch", "stack_caches", "step_inputs"]
 
 
 def _pad_left(t_1HLd: Tensor, pad: int) -> Tensor:
@@ -77,3 +77,18 @@ def empty_like(ref: KVCache) -> KVCache:
     out.k = [t.new_empty(1, t.shape[1], 0, *t.shape[3:]) for t in ref.k]
     out.v = [t.new_empty(1, t.shape[1], 0, *t.shape[3:]) for t in ref.v]
     return out
+
+
+def step_inputs(pending: list[int], chunk: list[int] | None) -> tuple[Tensor, Tensor | None]:
+    """(ids (B, n), mask or None) of a batched decode step: each decode row's pending token, left-padded to
+    the length n of a prefill ``chunk`` that rides along as the last row (n = 1 without one)."""
+    if chunk is None:
+        return torch.tensor([[t] for t in pending]), None
+    n = len(chunk)
+    ids = torch.zeros(len(pending) + 1, n, dtype=torch.long)
+    mask = torch.zeros(len(pending) + 1, n, dtype=torch.long)
+    ids[:-1, -1] = torch.tensor(pending)
+    mask[:-1, -1] = 1
+    ids[-1] = torch.tensor(chunk)
+    mask[-1] = 1
+    return ids, mask
