@@ -336,12 +336,10 @@ class Engine:
     def _decode_step(self) -> None:
         seqs = list(self._running)
         if self._rows is not None:
-            self._rows_step(seqs)
-            return
+            return self._rows_step(seqs)
         rider = self._prefilling[0] if self._mixed and self._prefilling else None
         if rider is None and (self.deterministic or len(seqs) == 1):
-            self._step_alone(seqs)
-            return
+            return self._step_alone(seqs)
         n = 1 if rider is None else min(self.prefill_chunk, len(rider.prompt_ids) - rider.prefilled)
         cache = self._stacked(seqs if rider is None else [*seqs, rider], n)
         if rider is not None and cache.length + n > self.max_seq_len:  # padded to n, a row would pass the context
