@@ -174,3 +174,25 @@ def test_swiglu_expert_refuses_mismatched_matrices(calls):
         assert swiglu_expert(x, w, w.clone(), torch.randn(K, N + 1), torch.ones(1)) is None
         assert swiglu_expert(x, w.bfloat16(), w, torch.randn(K, N), torch.ones(1)) is None
     assert calls == [] and gemv._KERNELS.failed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traced_rows_inside_a_compiled_graph(dtype):
+    """In a compiled graph, 1 to TRACED_MAX_ROWS rows over a small weight are traced reductions (a graph
+    with no GEMM call left in it) with ``F.linear``'s products to fp32 rounding; more rows take the GEMM."""
+    torch.manual_seed(0)
+    w, b = torch.randn(N, K).to(dtype), torch.randn(N).to(dtype)
+    for rows in (1, 3, gemv.TRACED_MAX_ROWS, gemv.TRACED_MAX_ROWS + 1):
+        graphs = []
+
+        def keep(gm, example_inputs):  # what dynamo traced, run as it is
+            graphs.append(gm)
+            return gm.forward
+
+        x = torch.randn(rows, 1, K).to(dtype)
+        with torch.no_grad():
+            got = torch.compile(lambda x: linear(x, w, b), backend=keep, fullgraph=True, dynamic=False)(x)
+            want = (x.double() @ w.double().T + b.double()).to(dtype)
+        torch.testing.assert_close(got, want, atol=_tol(dtype) * 8, rtol=_tol(dtype))
+        calls = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+        assert any("linear" in c for c in calls) == (rows > gemv.TRACED_MAX_ROWS), calls
