@@ -120,7 +120,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, deterministic: bool = False,
                  eos_id: int | None = None, metrics: ServeMetrics | None = None, stats_interval: int = 1,
-                 expert_window: int = 256, prefill_chunk: int = 16, mixed_prefill: bool = False,
+                 expert_window: int = 256, prefill_chunk: int = 64, mixed_prefill: bool = False,
                  compile: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
