@@ -66,9 +66,12 @@ def test_completions_with_the_openai_client_equal_generate(live, model_tok):
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref)
-        chunks = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True,
-                                      extra_body={"return_token_ids": True})
+        chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                           extra_body={"return_token_ids": True}))
         assert [t for ch in chunks for t in ch.choices[0].token_ids] == ref
+        # with ids, one chunk per token (a client times every token, even one whose text is held back)
+        assert [len(ch.choices[0].token_ids) for ch in chunks[:-1]] == [1] * len(ref)
+        assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
     assert [m.id for m in c.models.list().data] == ["tiny"]
 
 

@@ -67,7 +67,7 @@ async def _one(client, url: str, prompt: str, output_len: int, model: str | None
                 if msg.get("usage"):
                     res.tokens = msg["usage"]["completion_tokens"]
                 for ch in msg.get("choices", []):
-                    if ch.get("text"):
+                    if ch.get("text") or ch.get("token_ids"):  # a token, even one whose text is held back
                         res.chunk_times.append(time.perf_counter())
                     res.token_ids += ch.get("token_ids") or []
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal

@@ -369,7 +369,8 @@ def _sse(obj: dict) -> str:
 async def _stream(engine: Engine, seq_id: int, queue: asyncio.Queue, first: Event, rid: str, model: str,
                   chat: bool, include_usage: bool, with_ids: bool) -> AsyncIterator[str]:
     """SSE chunks; on a disconnect the response task is cancelled and ``finally`` aborts the request.
-    A token whose text is still held back sends no chunk; with ``with_ids`` its id rides on the next one."""
+    A token whose text is still held back sends no chunk, unless ``with_ids``: then every token's chunk has
+    its id (and the text it completes, or "")."""
     finished, pending, sent = False, [], 0
 
     def chunk(text: str | None, finish: str | None, usage=None, limit: int | None = None) -> str:
@@ -399,7 +400,7 @@ async def _stream(engine: Engine, seq_id: int, queue: asyncio.Queue, first: Even
                     yield chunk(None, None, (ev.prompt_tokens, ev.completion_tokens))
                 break
             pending.append(ev.token_id)
-            if ev.text:
+            if ev.text or with_ids:  # with ids, a chunk per token (as vLLM's): its text may still be held back
                 yield chunk(ev.text, None)
             ev = await queue.get()
         yield "data: [DONE]\n\n"
