@@ -4,6 +4,7 @@ the eager engine and ``generate``."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -113,3 +114,50 @@ def test_a_failed_compiled_step_is_retried_eagerly(model_tok, monkeypatch):
     for p, out in zip(PROMPTS[:2], outs):
         want = generate(model, torch.tensor([p]), 10, temperature=0)[0, len(p):].tolist()
         assert sum(a == b for a, b in zip(out, want)) >= 9  # batched rows may round a near tie differently
+
+
+def test_prompts_arriving_mid_decode_prefill_through_the_compiled_chunk(model_tok):
+    """Requests that arrive while another decodes are prefilled a chunk per step in the staging row (a
+    14-token prompt in chunks of 4), then join the compiled batch: every output is generate()'s to rounding,
+    and the counts are those of the real tokens (a chunk's padding is not counted)."""
+    model, tok = model_tok
+    eng = Engine(model, tok, max_batch=4, compile=True, prefill_chunk=4)
+    staged, real_stage = [], eng._rows.rows.stage
+    monkey = lambda ids: staged.append(ids.numel()) or real_stage(ids)  # noqa: E731
+    eng._rows.rows.stage = monkey
+    first, outs, done = threading.Event(), {}, []
+    lock = threading.Lock()
+
+    def sink_for(name, n_tokens):
+        outs[name] = []
+
+        def sink(ev):
+            if ev.kind == "token":
+                outs[name].append(ev.token_id)
+                if name == "long" and len(outs[name]) == 2:
+                    first.set()
+            elif ev.kind in ("finish", "error"):
+                assert ev.kind == "finish", ev
+                with lock:
+                    done.append(name)
+        return sink
+
+    eng.start()
+    try:
+        eng.submit(PROMPTS[0], SamplingParams(60, temperature=0, ignore_eos=True), sink_for("long", 60))
+        assert first.wait(60)
+        for name, p in (("b", PROMPTS[2]), ("c", PROMPTS[1])):
+            eng.submit(p, SamplingParams(12, temperature=0, ignore_eos=True), sink_for(name, 12))
+        deadline = time.monotonic() + 120
+        while len(done) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counted = int(eng.experts.total_LE.sum())
+    finally:
+        eng.shutdown()
+    assert sorted(done) == ["b", "c", "long"]
+    assert staged and max(staged) <= 4 and sum(staged) >= len(PROMPTS[2])  # b (at least) went through chunks
+    for name, p, n in (("long", PROMPTS[0], 60), ("b", PROMPTS[2], 12), ("c", PROMPTS[1], 12)):
+        want = generate(model, torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
+        assert sum(a == b for a, b in zip(outs[name], want)) >= 0.9 * n, name
+    fed = len(PROMPTS[0]) + 59 + len(PROMPTS[2]) + 11 + len(PROMPTS[1]) + 11
+    assert counted == fed * model.config.moe.top_k * len(eng.experts.layers)

@@ -24,7 +24,7 @@ from moekit.nn.attention import KVCache
 from moekit.nn.rope import rope_tables
 from moekit.nn.transformer import MoETransformer
 
-__all__ = ["CompiledDecoder", "DecodeRows", "DecodeState", "StaticKVCache", "decode_step", "rows_step",
+__all__ = ["CompiledDecoder", "DecodeRows", "DecodeState", "StaticKVCache", "chunk_step", "decode_step", "rows_step",
            "static_length"]
 
 MIN_SLOTS = 64
@@ -52,23 +52,26 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]
 
 
-def _through_layers(model: MoETransformer, ids_B1: Tensor, pos_B1: Tensor, slot_B1: Tensor, key_mask_BL: Tensor,
-                    cache, token_mask_B1: Tensor | None) -> tuple[Tensor, dict[int, Tensor]]:
-    """The one-query forward both steps share: ``slot_B1`` each row's new slot (its key sees the slots up to
-    it that ``key_mask_BL`` admits, and a window's last ``w``), ``pos_B1`` its RoPE position."""
+def _through_layers(model: MoETransformer, ids_BS: Tensor, pos_BS: Tensor, slot_BS: Tensor, key_mask_BL: Tensor,
+                    cache, token_mask_BS: Tensor | None) -> tuple[Tensor, dict[int, Tensor]]:
+    """(hidden states (B, S, D) before the head, {MoE layer: (E,) counts}) of the queries the compiled steps
+    share: ``slot_BS`` each query's own slot (its key sees the slots up to it that ``key_mask_BL`` admits, and
+    a window's last ``w``), ``pos_BS`` its RoPE position."""
     B, L = key_mask_BL.shape
-    x = model.embed_tokens(ids_B1)
-    cos, sin = (t.unsqueeze(1) for t in rope_tables(pos_B1, model.config, x.dtype))  # (B, 1, 1, d)
-    slots_L = torch.arange(L, device=ids_B1.device)
-    seen_BL = key_mask_BL & (slots_L <= slot_B1)
-    masks = {w: (seen_BL if w is None else seen_BL & (slot_B1 - slots_L < w)).view(B, 1, 1, L)
+    S = ids_BS.shape[1]
+    x = model.embed_tokens(ids_BS)
+    cos, sin = (t.unsqueeze(1) for t in rope_tables(pos_BS, model.config, x.dtype))  # (B, 1, S, d)
+    slots_L = torch.arange(L, device=ids_BS.device)
+    back_BSL = slot_BS.unsqueeze(-1) - slots_L  # how far back each key is from each query
+    seen_BSL = key_mask_BL.unsqueeze(1) & (back_BSL >= 0)
+    masks = {w: (seen_BSL if w is None else seen_BSL & (back_BSL < w)).view(B, 1, S, L)
              for w in {b.window for b in model.layers}}
     counts: dict[int, Tensor] = {}
     for block in model.layers:
-        x, moe_out = block(x, cos, sin, masks[block.window], token_mask_B1, cache, ids_B1)
+        x, moe_out = block(x, cos, sin, masks[block.window], token_mask_BS, cache, ids_BS)
         if moe_out is not None:
             counts[block.idx] = moe_out.stats.tokens_per_expert
-    return model.head(x)[:, -1], counts
+    return x, counts
 
 
 def decode_step(model: MoETransformer, ids_B1: Tensor, slot_1: Tensor, pos_B1: Tensor, key_mask_BL: Tensor,
@@ -78,25 +81,26 @@ def decode_step(model: MoETransformer, ids_B1: Tensor, slot_1: Tensor, pos_B1: T
     it: left padding does not count); ``key_mask_BL`` is False on padded slots. The forward of
     :class:`MoETransformer` for one query, with static shapes; of the layers' statistics only the counts
     are returned, so the compiler drops the rest (balancing terms, entropies)."""
-    return _through_layers(model, ids_B1, pos_B1, slot_1, key_mask_BL, StaticKVCache(k, v, slot_1), None)
+    x, counts = _through_layers(model, ids_B1, pos_B1, slot_1.view(1, 1), key_mask_BL, StaticKVCache(k, v, slot_1), None)
+    return model.head(x)[:, -1], counts
 
 
 class RowsKVCache:
-    """``update`` for :func:`rows_step`: row b's new key goes to slot ``slot_B1[b]`` of row b of the layer's
-    (R, h, Lmax, d) buffers, in place (``index_put_``: a scatter would make the compiler copy the buffer);
-    the attention reads rows :B and slots :L."""
+    """``update`` for the rows steps: the new keys (B, h, S, d) of rows ``first_row``.. go to their slots
+    ``slot_BS`` of the layer's (R, h, Lmax, d) buffers, in place (``index_put_``: a scatter would make the
+    compiler copy the buffer); the attention reads those B rows' first L slots."""
 
-    def __init__(self, k: list[Tensor], v: list[Tensor], slot_B1: Tensor, L: int):
+    def __init__(self, k: list[Tensor], v: list[Tensor], first_row: int, slot_BS: Tensor, L: int):
         self.k, self.v, self.L = k, v, L
-        B = slot_B1.shape[0]
-        h_1h = torch.arange(k[0].shape[1], device=slot_B1.device)[None, :]
-        self._where = (torch.arange(B, device=slot_B1.device)[:, None], h_1h, slot_B1.expand(B, h_1h.shape[1]))
+        B, dev = slot_BS.shape[0], slot_BS.device
+        self.rows = slice(first_row, first_row + B)
+        self._where = ((first_row + torch.arange(B, device=dev)).view(B, 1, 1),
+                       torch.arange(k[0].shape[1], device=dev).view(1, -1, 1), slot_BS.unsqueeze(1))
 
     def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-        B = k_new.shape[0]
-        self.k[layer].index_put_(self._where, k_new.squeeze(2))
-        self.v[layer].index_put_(self._where, v_new.squeeze(2))
-        return self.k[layer][:B, :, :self.L], self.v[layer][:B, :, :self.L]
+        self.k[layer].index_put_(self._where, k_new)
+        self.v[layer].index_put_(self._where, v_new)
+        return self.k[layer][self.rows, :, :self.L], self.v[layer][self.rows, :, :self.L]
 
 
 def rows_step(model: MoETransformer, ids_B1: Tensor, slot_B1: Tensor, real_B1: Tensor, slots_L: Tensor,
@@ -107,7 +111,23 @@ def rows_step(model: MoETransformer, ids_B1: Tensor, slot_B1: Tensor, real_B1: T
     dynamic: one graph per B). Rows with ``real_B1`` False are padding: not routed, not counted."""
     B, L = ids_B1.shape[0], slots_L.shape[0]
     key_mask_BL = torch.ones(B, L, dtype=torch.bool, device=ids_B1.device)
-    return _through_layers(model, ids_B1, slot_B1, slot_B1, key_mask_BL, RowsKVCache(k, v, slot_B1, L), real_B1)
+    x, counts = _through_layers(model, ids_B1, slot_B1, slot_B1, key_mask_BL, RowsKVCache(k, v, 0, slot_B1, L),
+                                real_B1)
+    return model.head(x)[:, -1], counts
+
+
+def chunk_step(model: MoETransformer, ids_1C: Tensor, start_1: Tensor, n_real_1: Tensor, slots_L: Tensor,
+               k: list[Tensor], v: list[Tensor], row: int) -> tuple[Tensor, dict[int, Tensor]]:
+    """C prompt tokens of the sequence in row ``row``, at slots (and positions) ``start_1``.. (the first
+    ``n_real_1`` real, the rest padding: not routed, not counted, their keys written past the real ones and
+    never seen): (logits (1, V) after the last real token, counts). L = len(``slots_L``) > start + C."""
+    C, L = ids_1C.shape[1], slots_L.shape[0]
+    offsets_1C = torch.arange(C, device=ids_1C.device).unsqueeze(0)
+    pos_1C = start_1.view(1, 1) + offsets_1C
+    key_mask_1L = torch.ones(1, L, dtype=torch.bool, device=ids_1C.device)
+    x, counts = _through_layers(model, ids_1C, pos_1C, pos_1C, key_mask_1L, RowsKVCache(k, v, row, pos_1C, L),
+                                offsets_1C < n_real_1.view(1, 1))
+    return model.head(x.index_select(1, n_real_1 - 1))[:, -1], counts
 
 
 class DecodeState:
@@ -249,9 +269,12 @@ class DecodeRows:
     ``logits_nV, counts = dec.step(ids_n1)`` for the n admitted rows in row order; ``dec.release(row)``
     frees one (the last row moves into it, so the rows in use stay 0..n-1; returns the row that moved, or
     None). A step over n rows runs the graph of the smallest bucket >= n (:func:`row_buckets`, padding
-    rows not routed or counted) and attends over the longest row's slots only."""
+    rows not routed or counted) and attends over the longest row's slots only. With ``chunk`` C > 0 a prompt
+    can also be prefilled compiled, C tokens a call, in a staging row: ``logits_1V, counts =
+    dec.stage(ids)`` (the first call after ``admit_staged`` starts a new prompt), then ``dec.admit_staged()``
+    moves it into the next free row."""
 
-    def __init__(self, model: MoETransformer, rows: int):
+    def __init__(self, model: MoETransformer, rows: int, chunk: int = 0):
         _check_compilable(model)
         if rows < 1:
             raise ValueError(f"rows={rows} must be >= 1")
@@ -261,28 +284,68 @@ class DecodeRows:
         with torch.no_grad():  # the cache shapes (MLA caches latents) from a one-token prefill
             cache = model.new_kv_cache()
             model(torch.zeros(1, 1, dtype=torch.long, device=device), kv_cache=cache, logits_to_keep=1)
-        # one slot more than the context: L (dynamic) then never equals the buffer's length, where slicing
-        # all of it would make the compiler fix L
-        self.k = [t.new_zeros(rows, t.shape[1], self.max_len + 1, t.shape[3]) for t in cache.k]
-        self.v = [t.new_zeros(rows, t.shape[1], self.max_len + 1, t.shape[3]) for t in cache.v]
+        # two slots more than the context (and a chunk's padding): L (dynamic) then never equals the buffer's
+        # length, where slicing all of it would make the compiler fix L; the staging row is the last
+        self.chunk = chunk
+        shape = (rows + (chunk > 0), self.max_len + chunk + 2)
+        self.k = [t.new_zeros(shape[0], t.shape[1], shape[1], t.shape[3]) for t in cache.k]
+        self.v = [t.new_zeros(shape[0], t.shape[1], shape[1], t.shape[3]) for t in cache.v]
         self.slot_R1 = torch.zeros(rows, 1, dtype=torch.long, device=device)  # each row's next slot
         self.n = 0
+        self.staged = 0  # prompt tokens in the staging row
         self.steps = 0
         self._graphs = _Graphs(rows_step)
+        self._chunk_graph = _Graphs(chunk_step)
 
     @property
     def compile_s(self) -> float:
-        return self._graphs.compile_s
+        return self._graphs.compile_s + self._chunk_graph.compile_s
 
     def warm_up(self) -> float:
-        """Compile every bucket's graph now (a throwaway step each), so that no request waits for one."""
+        """Compile every bucket's graph (and the chunk's) now, a throwaway call each, so that no request waits."""
         t0 = time.perf_counter()
         for B in row_buckets(self.rows):
             self.slot_R1[:B] = 1
             self.n = B
             self.step(torch.zeros(B, 1, dtype=torch.long, device=self.slot_R1.device))
         self.n = 0
+        if self.chunk:
+            self.stage(torch.zeros(1, dtype=torch.long, device=self.slot_R1.device))
+            self.staged = 0
         return time.perf_counter() - t0
+
+    def stage(self, ids_n: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """The next n <= ``chunk`` prompt tokens into the staging row: (logits (1, V) after the last, counts)."""
+        n, start = ids_n.shape[0], self.staged
+        if not 0 < n <= self.chunk:
+            raise ValueError(f"stage() takes 1 to chunk={self.chunk} tokens, got {n}")
+        if start + n > self.max_len:
+            raise ValueError(f"the prompt passes the model's context of {self.max_len} positions")
+        ids_1C = ids_n.new_zeros(1, self.chunk)
+        ids_1C[0, :n] = ids_n
+        dev = ids_n.device
+        slots_L = torch.arange(start + self.chunk + 1, device=dev)  # never L == C: that would fix L
+        torch._dynamo.mark_dynamic(slots_L, 0)
+        key = (self.chunk, ids_n.dtype, torch.is_inference_mode_enabled())
+        out = self._chunk_graph(key, self.model, ids_1C, torch.tensor([start], device=dev),
+                                torch.tensor([n], device=dev), slots_L, self.k, self.v, self.rows)
+        self.staged += n
+        return out
+
+    def drop_staged(self) -> None:
+        """Forget a prompt staged part of the way (its request went away)."""
+        self.staged = 0
+
+    def admit_staged(self) -> int:
+        """Move the staged prompt into the next free row (a copy of its slots); returns the row."""
+        if self.n == self.rows:
+            raise ValueError(f"all {self.rows} rows are in use: release one first")
+        row, S = self.n, self.staged
+        for buf in (*self.k, *self.v):
+            buf[row, :, :S].copy_(buf[self.rows, :, :S])
+        self.slot_R1[row] = S
+        self.n, self.staged = self.n + 1, 0
+        return row
 
     def admit(self, cache: KVCache) -> int:
         """Copy a batch-1, unpadded cache into the next free row; returns the row."""

@@ -4,7 +4,8 @@ reports ready).
 :class:`CompiledRows` (the default): every running request decodes in a row of
 :class:`moekit.infer.DecodeRows`, one compiled forward for the whole batch, alone or not. A request's eager
 prefill cache is copied into a free row when it starts decoding; when it leaves, the last row moves into
-its place. :class:`CompiledSteps` (``--deterministic``): each request steps alone in a static cache of its
+its place; a prompt that arrives while others decode is prefilled compiled too, a chunk per step, in the
+staging row. :class:`CompiledSteps` (``--deterministic``): each request steps alone in a static cache of its
 own (:class:`moekit.infer.CompiledDecoder`), the forward ``generate --compile`` runs.
 """
 from __future__ import annotations
@@ -48,11 +49,28 @@ class CompiledRows:
     """The running batch in the rows of a :class:`DecodeRows` of ``max_batch`` rows; ``members[i]`` decodes
     in row i."""
 
-    def __init__(self, model: Any, max_batch: int):
-        self.rows = DecodeRows(model, max_batch)
+    def __init__(self, model: Any, max_batch: int, chunk: int = 0):
+        self.rows = DecodeRows(model, max_batch, chunk)
         with torch.inference_mode():
             self.compile_s = self.rows.warm_up()
         self.members: list[Any] = []
+        self._staging: Any = None  # the request whose prompt is in the staging row
+
+    def stages(self, seq: Any, others_decoding: bool) -> bool:
+        """Whether ``seq``'s prompt goes through the compiled chunk (the staging row): one that arrives while
+        others decode, or one already on its way there. A request alone is prefilled as ``generate`` does,
+        eagerly in one forward."""
+        return self.rows.chunk > 0 and (seq is self._staging or (others_decoding and seq.prefilled == 0))
+
+    def prefill(self, seq: Any, ids: list[int], layers: list[int] | None, count: Count) -> Tensor:
+        """Logits (1, V) after the last of ``ids``, the next prompt tokens of ``seq``, fed a chunk a call."""
+        if seq is not self._staging:
+            self.rows.drop_staged()
+            self._staging = seq
+        for i in range(0, len(ids), self.rows.chunk):
+            logits_1V, counts = self.rows.stage(torch.tensor(ids[i:i + self.rows.chunk]))
+            count(_counts_LE(counts, layers))
+        return logits_1V
 
     def step(self, seqs: list[Any], layers: list[int] | None, count: Count) -> dict[Any, Tensor]:
         """{seq: logits (1, V)} of one step of every running request (``seq.pending`` fed): those no longer
@@ -64,7 +82,11 @@ class CompiledRows:
                     self.members[row] = self.members[-1]
                 self.members.pop()
         for seq in seqs:
-            if seq.cache is not None:  # prefilled since the last step
+            if seq is self._staging:  # its prompt is staged, all of it (it runs)
+                self.rows.admit_staged()
+                self._staging = None
+                self.members.append(seq)
+            elif seq.cache is not None:  # prefilled eagerly since the last step
                 self.rows.admit(seq.cache)
                 seq.cache = None
                 self.members.append(seq)

@@ -3,12 +3,10 @@
 Legend: B running requests, V vocabulary.
 
 Each request (a :class:`Sequence`) owns its KV cache, sampling parameters and RNG. One loop, on its own
-thread:
-1. admit waiting requests while the running batch has room (``max_batch``). A request with no other
-   decoding (or with ``deterministic``) is prefilled alone, in one forward, exactly as
-   ``moekit.infer.generate`` prefills; one that arrives while others decode is fed ``prefill_chunk``
-   prompt tokens per step, so that the others keep getting tokens; the last prompt position yields its
-   first token;
+thread: 1. admit waiting requests while the batch has room (``max_batch``). One with no other decoding (or
+with ``deterministic``) is prefilled alone, in one forward, as ``moekit.infer.generate`` prefills; one that
+arrives while others decode is fed ``prefill_chunk`` prompt tokens per step (with ``compile``, through the
+compiled chunk), so that the others keep getting tokens; the last prompt position yields its first token;
 2. one decode step for every running request: their pending tokens (B, 1) go through one forward over
    the stacked caches (``kvbatch``; with ``compile``, the compiled step over static rows), or, with
    ``deterministic``, one forward per request. With ``mixed_prefill`` a prefill chunk rides in the same
@@ -145,12 +143,12 @@ class Engine:
         self._mixed = (mixed_prefill and not deterministic and not compile and prefill_chunk > 0
                        and not any(model.new_kv_cache().windows))
         self._batch: tuple[list[Sequence], KVCache, list[int]] | None = None
-        # compiled: each request alone (deterministic), or the whole batch in static rows
+        # compiled: each request alone (deterministic), or the whole batch (and chunked prompts) in static rows
         self._compiled = CompiledSteps(self.model, self.max_seq_len) if compile and deterministic else None
-        self._rows = CompiledRows(self.model, max_batch) if compile and not deterministic else None
+        self._rows = CompiledRows(self.model, max_batch, max(prefill_chunk, 0)) if compile and not self._compiled \
+            else None
         self.compile_s = next((c.compile_s for c in (self._compiled, self._rows) if c is not None), 0.0)
-        self._next_id = 0
-        self._forwards = 0
+        self._next_id = self._forwards = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
         self.steps = 0
@@ -279,16 +277,19 @@ class Engine:
             for seq in self._prefilling:
                 self._prefill(seq, len(seq.prompt_ids))
         elif not self._mixed:  # else the decode step carries the chunk (_decode_step)
-            self._prefill(self._prefilling[0], self.prefill_chunk)
+            self._prefill(self._prefilling[0], self.prefill_chunk, while_decoding=True)
         self._prefilling = [s for s in self._prefilling if not s.done and s.prefilled < len(s.prompt_ids)]
 
-    def _prefill(self, seq: Sequence, n_tokens: int) -> None:
+    def _prefill(self, seq: Sequence, n_tokens: int, while_decoding: bool = False) -> None:
         """Feed the next ``n_tokens`` prompt tokens; after the last, the request samples its first token."""
-        if seq.cache is None:  # untrimmed even with sliding windows: a stacked cache keeps no trim counts
-            seq.cache = KVCache(self.n_layers)
         end = min(len(seq.prompt_ids), seq.prefilled + n_tokens)
+        ids = seq.prompt_ids[seq.prefilled:end]
+        staged = self._rows is not None and self._rows.stages(seq, while_decoding)
+        if seq.cache is None and not staged:  # untrimmed even with sliding windows: stacking keeps no trim counts
+            seq.cache = KVCache(self.n_layers)
         try:
-            logits_1V = self._forward(torch.tensor([seq.prompt_ids[seq.prefilled:end]]), seq.cache)
+            logits_1V = (self._rows.prefill(seq, ids, self._tap and self._tap.layers, self._count) if staged
+                         else self._forward(torch.tensor([ids]), seq.cache))
         except Exception as e:  # noqa: BLE001 - a model failure fails its request only
             self._fail(seq, e)
             return
