@@ -185,7 +185,7 @@ def test_traced_rows_inside_a_compiled_graph(dtype):
     for rows in (1, 3, gemv.TRACED_MAX_ROWS, gemv.TRACED_MAX_ROWS + 1):
         graphs = []
 
-        def keep(gm, example_inputs):  # what dynamo traced, run as it is
+        def keep(gm, example_inputs, graphs=graphs):  # what dynamo traced, run as it is
             graphs.append(gm)
             return gm.forward
 

@@ -123,12 +123,16 @@ def test_prompts_arriving_mid_decode_prefill_through_the_compiled_chunk(model_to
     model, tok = model_tok
     eng = Engine(model, tok, max_batch=4, compile=True, prefill_chunk=4)
     staged, real_stage = [], eng._rows.rows.stage
-    monkey = lambda ids: staged.append(ids.numel()) or real_stage(ids)  # noqa: E731
-    eng._rows.rows.stage = monkey
+
+    def counting_stage(ids):
+        staged.append(ids.numel())
+        return real_stage(ids)
+
+    eng._rows.rows.stage = counting_stage
     first, outs, done = threading.Event(), {}, []
     lock = threading.Lock()
 
-    def sink_for(name, n_tokens):
+    def sink_for(name):
         outs[name] = []
 
         def sink(ev):
@@ -144,10 +148,10 @@ def test_prompts_arriving_mid_decode_prefill_through_the_compiled_chunk(model_to
 
     eng.start()
     try:
-        eng.submit(PROMPTS[0], SamplingParams(60, temperature=0, ignore_eos=True), sink_for("long", 60))
+        eng.submit(PROMPTS[0], SamplingParams(60, temperature=0, ignore_eos=True), sink_for("long"))
         assert first.wait(60)
         for name, p in (("b", PROMPTS[2]), ("c", PROMPTS[1])):
-            eng.submit(p, SamplingParams(12, temperature=0, ignore_eos=True), sink_for(name, 12))
+            eng.submit(p, SamplingParams(12, temperature=0, ignore_eos=True), sink_for(name))
         deadline = time.monotonic() + 120
         while len(done) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)

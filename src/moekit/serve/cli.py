@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward of their own; rounds differently, so greedy output under concurrency matches "
                         "less often (default off)")
     p.add_argument("--compile", action="store_true",
-                   help="a request decoding alone (one running, or --deterministic) takes the compiled decode "
-                        "step (moekit.infer.CompiledDecoder): compiled at start, before /health is 200; "
-                        "resident models only (default off)")
+                   help="decode the running batch in one compiled step over static rows, and prefill prompts "
+                        "that arrive mid-decode in compiled chunks (moekit.infer.DecodeRows; with "
+                        "--deterministic each request alone, moekit.infer.CompiledDecoder): compiled at start, "
+                        "before /health is 200; resident models only; ignores --mixed-prefill (default off)")
     p.add_argument("--in-process", action="store_true",
                    help="decode on a thread of the server's process instead of a process of its own; the HTTP "
                         "side's Python then competes with decoding for one interpreter lock (default off)")
