@@ -103,6 +103,12 @@ def test_row_refusals(one_thread):
         dec.slot_R1[0] = model.config.max_seq_len
         with pytest.raises(ValueError, match="context of 96"):
             dec.step(torch.zeros(1, 1, dtype=torch.long))
+        staging = DecodeRows(model, 1, chunk=4)
+        with pytest.raises(ValueError, match="1 to chunk=4 tokens, got 5"):
+            staging.stage(torch.zeros(5, dtype=torch.long))
+        staging.staged = model.config.max_seq_len - 2
+        with pytest.raises(ValueError, match="passes the model's context of 96"):
+            staging.stage(torch.zeros(3, dtype=torch.long))
 
 
 def test_row_buckets():

@@ -1,6 +1,7 @@
 """`moekit bench serve` end to end on the tiny run: every level is measured and written to --json."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from moekit.cli.bench import main as bench_main
@@ -20,3 +21,24 @@ def test_bench_serve_reports_every_level(run_dir, tmp_path, capsys):
         assert 0 < s["ttft_s"]["median"] <= s["e2e_s"]["median"] and s["itl_s"]["p99"] >= s["itl_s"]["median"] > 0
     assert run["levels"]["2"]["greedy_agreement_with_first_level"] >= 0.9
     assert "out tok/s" in capsys.readouterr().out
+
+
+def test_a_compiled_server_gets_a_compiled_baseline(run_dir):
+    """With --serve-arg=--compile the in-process baseline decodes compiled too, so the HTTP overhead ratio
+    compares like with like; without it, eager; and the table names which one it ran."""
+    import torch
+
+    from moekit.bench.serve_run import _baseline_decoder, _generate_per_token, add_arguments, table
+    from moekit.infer import CompiledDecoder, load_run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    model, _ = load_run(run_dir)
+    assert _baseline_decoder(model, p.parse_args([str(run_dir)])) is False
+    dec = _baseline_decoder(model, p.parse_args([str(run_dir), "--serve-arg=--compile"]))
+    assert isinstance(dec, CompiledDecoder)
+    with torch.no_grad():
+        per_token = _generate_per_token(model, [[1, 2, 3, 4]], 6, dec)
+    assert per_token > 0 and dec.steps > 0  # generate() stepped through the compiled decoder
+    info = {"generate_s_per_token_median": per_token, "generate_compiled": True}
+    assert "in-process generate(compile=True):" in table("run", {}, info, None)

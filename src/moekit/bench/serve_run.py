@@ -87,19 +87,22 @@ def _load_model(path: str, args):
                         "threads": torch.get_num_threads()}, om
 
 
-def _generate_per_token(model, prompts: list[list[int]], output_len: int) -> float:
-    """In-process generate() time per output token, prefill excluded: median over (up to 6) prompts."""
+def _generate_per_token(model, prompts: list[list[int]], output_len: int, compile=False) -> float:
+    """In-process generate() time per output token, prefill excluded: median over (up to 6) prompts.
+    ``compile``: a ``CompiledDecoder`` (the baseline of a ``--compile`` server), warmed up untimed."""
     import torch
 
     from moekit.infer import generate
 
+    if compile is not False:
+        generate(model, torch.tensor([prompts[0]]), output_len, temperature=0, compile=compile)
     per_token = []
     for ids in prompts[:6]:
         x = torch.tensor([ids])
         t0 = time.perf_counter()
-        generate(model, x, 1, temperature=0)
+        generate(model, x, 1, temperature=0, compile=compile)
         t1 = time.perf_counter()
-        generate(model, x, output_len, temperature=0)
+        generate(model, x, output_len, temperature=0, compile=compile)
         t2 = time.perf_counter()
         per_token.append(((t2 - t1) - (t1 - t0)) / (output_len - 1))
     return sorted(per_token)[len(per_token) // 2]
@@ -123,6 +126,19 @@ def _serve_args(args) -> list[str]:
     return out + (["--deterministic"] if args.deterministic else []) + _offload_args(args) + list(args.serve_arg)
 
 
+def _compiled_server(args) -> bool:
+    return "--compile" in args.serve_arg
+
+
+def _baseline_decoder(model, args):
+    """The in-process baseline decodes as the server does: compiled when the server compiles."""
+    if model is None or not _compiled_server(args):
+        return False
+    from moekit.infer import CompiledDecoder
+
+    return CompiledDecoder(model)
+
+
 def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dict, list[float]]:
     """Every level, ``args.rounds`` times interleaved (a shared machine's load drifts between levels); a
     level's figures pool its rounds. With ``model``, generate()'s time per token is measured each round."""
@@ -130,9 +146,10 @@ def _levels(url: str, prompts, args, levels: list[int], model=None) -> tuple[dic
     pooled = {c: ([], 0.0) for c in levels}
     cache: dict[int, list[tuple[dict, dict]]] = {c: [] for c in levels}  # (before, after) per round
     baseline, paired = [], []
+    decoder = _baseline_decoder(model, args)
     for r in range(args.rounds):
         if model is not None:
-            baseline.append(_generate_per_token(model, prompts, args.output_len))
+            baseline.append(_generate_per_token(model, prompts, args.output_len, decoder))
         for c in levels:
             print(f"  round {r + 1}/{args.rounds}, concurrency {c}: {len(prompts)} requests x {args.output_len} "
                   "tokens ...", file=sys.stderr, flush=True)
@@ -201,11 +218,12 @@ def table(name: str, levels: dict, info: dict, peak: dict | None) -> str:
     if info.get("params"):
         p = info["params"]
         lines.append(f"params: total {p['total_params']:,} / active {p['active_params']:,} per token, {info.get('dtype')}")
+    gen = "generate(compile=True)" if info.get("generate_compiled") else "generate()"
     if info.get("generate_s_per_token_median"):
-        lines.append(f"in-process generate(): {info['generate_s_per_token_median'] * 1e3:.2f} ms per token (median)")
+        lines.append(f"in-process {gen}: {info['generate_s_per_token_median'] * 1e3:.2f} ms per token (median)")
     if levels.get(1, {}).get("itl_median_over_generate"):
         r = levels[1]["itl_median_over_generate_rounds"]
-        lines.append(f"c=1 ITL median / in-process generate(), paired by round: "
+        lines.append(f"c=1 ITL median / in-process {gen}, paired by round: "
                      f"{levels[1]['itl_median_over_generate']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in r)})")
     if peak:
         lines.append(f"server peak memory: RssAnon {peak['RssAnon'] / 2**20:.1f} MiB, RssFile "
@@ -245,6 +263,7 @@ def run(args) -> int:
         if baseline:
             info["generate_s_per_token_median"] = sorted(baseline)[len(baseline) // 2]
             info["generate_s_per_token_rounds"] = baseline
+            info["generate_compiled"] = _compiled_server(args)
         report["runs"][path] = {"levels": res, "info": info, "peak_memory_bytes": srv.peak, "exit_code": rc}
         print(table(path, res, info, srv.peak))
         moe = getattr(model.config, "moe", None)
