@@ -236,16 +236,6 @@ class CompiledDecoder:
             pos_B1 = torch.full((B, 1), S, dtype=torch.long, device=k[0].device)
         return DecodeState(k, v, S, pos_B1, key_mask_BL)
 
-    def to_cache(self, state: DecodeState) -> KVCache:
-        """The positions written so far as an eager :class:`KVCache` (views of the static buffers, no window
-        trimming: as the serving engine keeps its caches), to go on decoding eagerly (e.g. in a batch)."""
-        cache = KVCache(len(state.k))
-        cache.k = [t[:, :, :state.slot] for t in state.k]
-        cache.v = [t[:, :, :state.slot] for t in state.v]
-        mask = state.key_mask_BL[:, :state.slot]
-        cache.mask = None if bool(mask.all()) else mask
-        return cache
-
     def step(self, ids_B1: Tensor, state: DecodeState) -> tuple[Tensor, dict[int, Tensor]]:
         """:func:`decode_step` for ``ids_B1`` at the state's next slot: (logits (B, V), {MoE layer: (E,)
         counts}); advances the state."""
