@@ -100,7 +100,7 @@ def test_row_refusals(one_thread):
             dec.admit(_prefill(model, torch.zeros(1, 2, dtype=torch.long)))
         with pytest.raises(ValueError, match=r"ids must be \(1, 1\)"):
             dec.step(torch.zeros(2, 1, dtype=torch.long))
-        dec.slot_R1[0] = model.config.max_seq_len
+        dec.slots[0] = model.config.max_seq_len
         with pytest.raises(ValueError, match="context of 96"):
             dec.step(torch.zeros(1, 1, dtype=torch.long))
         staging = DecodeRows(model, 1, chunk=4)

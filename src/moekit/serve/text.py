@@ -16,12 +16,21 @@ __all__ = ["ChatTemplate", "StopText", "TemplateError"]
 
 
 class StopText:
-    """Text of the generated ids so far; ``push`` returns (new text to emit, stopped)."""
+    """Text of the generated ids so far; ``push`` returns (new text to emit, stopped).
+
+    Detokenized incrementally, as vLLM and TGI do: each push decodes only the ids since the last complete
+    character, with the piece before them as context (``decode(ids[prefix:])`` minus
+    ``decode(ids[prefix:read])``), so a token costs the same at position 10 as at position 10,000 and a
+    decoder that treats a window's first token specially (a SentencePiece leading space) does so only to
+    the context. The text equals decoding all the ids at once (``tests/serve/test_stop_text.py``)."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
         self._decode = decode
         self._stop = [s for s in stop if s]
+        self._longest = max((len(s) for s in self._stop), default=0)
         self.ids: list[int] = []
+        self._prefix = self._read = 0  # ids[prefix:read]: the context; ids[read:]: not yet in ``_decoded``
+        self._decoded = ""  # the text of ids[:read], complete characters only
         self.emitted = ""  # text already handed out
         self.text = ""  # the final text once stopped or flushed
 
@@ -35,24 +44,31 @@ class StopText:
                     break
         return best
 
+    def _advance(self, final: bool) -> str:
+        """The text of every id so far: ``_decoded`` plus the new ids' piece once it ends in a complete
+        character (or, ``final``, whatever it is)."""
+        context = self._decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        window = self._decode(self.ids[self._prefix:])
+        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+            self._decoded += window[len(context):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._decoded
+
     def push(self, token_id: int) -> tuple[str, bool]:
         self.ids.append(token_id)
-        text = self._decode(self.ids)
+        text = self._advance(final=False)
         # 1. a stop string ends the text before it (searched from where it could first start)
-        start = max(0, len(self.emitted) - max((len(s) for s in self._stop), default=0))
+        start = max(0, len(self.emitted) - self._longest)
         hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
         if hits:
             self.text = text[: min(hits)]
             return self._delta(self.text), True
-        # 2. hold back an incomplete character and a possible start of a stop string
-        safe = text[: len(text) - self._holdback(text)]
-        while safe.endswith("\ufffd"):
-            safe = safe[:-1]
-        return self._delta(safe), False
+        # 2. hold back a possible start of a stop string (an incomplete character is not in ``text`` yet)
+        return self._delta(text[: len(text) - self._holdback(text)]), False
 
     def flush(self) -> str:
         """The rest of the text at the end of generation (nothing is held back any more)."""
-        self.text = self._decode(self.ids)
+        self.text = self._advance(final=True)
         return self._delta(self.text)
 
     def _delta(self, text: str) -> str:
