@@ -25,8 +25,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moekit.serve import protocol as P
-from moekit.serve.engine import Engine, EngineStopped, Event, SamplingParams
+from moekit.serve.engine import Engine
 from moekit.serve.metrics import ServeMetrics
+from moekit.serve.request import EngineStopped, Event, SamplingParams
 from moekit.serve.text import ChatTemplate, TemplateError
 
 __all__ = ["Loaded", "ServeState", "build_app"]

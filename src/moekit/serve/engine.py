@@ -16,7 +16,9 @@ compiled chunk), so that the others keep getting tokens; the last prompt positio
    string, the end-of-document token or max_tokens leaves the batch, and so does one whose client went
    away (``abort``) -- so a short request never waits for a long one to finish.
 A forward that raises fails only the request it belongs to: a batched step is retried row by row.
-Results go to each request's ``sink`` (called on the engine thread; it must not block).
+Results go to each request's ``sink`` (called on the engine thread; it must not block); ``on_step`` is
+called there after each step and once at the end, so that sinks may buffer a step's events and send them
+together.
 """
 from __future__ import annotations
 
@@ -38,62 +40,13 @@ from moekit.nn.attention import KVCache
 from moekit.serve.compiled_steps import CompiledRows, CompiledSteps
 from moekit.serve.kvbatch import empty_like, split_batch, stack_caches, step_inputs
 from moekit.serve.metrics import ExpertLoad, ServeMetrics
+from moekit.serve.request import EngineStopped, Event, SamplingParams, check_request
 from moekit.serve.router_tap import RouterTap
 from moekit.serve.text import StopText
 
 __all__ = ["Engine", "EngineStopped", "Event", "SamplingParams", "Sequence", "check_request"]
 
 log = logging.getLogger("moekit.serve")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What one request asks for. temperature 0 is greedy; seed None draws a random seed."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
-
-
-@dataclass
-class Event:
-    """``token`` (text may be empty while a character or a possible stop string is incomplete),
-    ``finish`` (finish_reason "stop" | "length" | "abort"), or ``error`` (message)."""
-
-    kind: str
-    text: str = ""
-    token_id: int | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    message: str = ""
-
-
-def check_request(prompt_ids: list[int], params: SamplingParams, max_seq_len: int) -> None:
-    """ValueError for a request no engine can serve: an empty prompt, or one that does not fit the context."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if len(prompt_ids) + params.max_tokens > max_seq_len:
-        raise ValueError(f"prompt tokens {len(prompt_ids)} + max_tokens {params.max_tokens} exceed the "
-                         f"model's context of {max_seq_len} tokens")
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
 
 
 @dataclass(eq=False)
@@ -119,7 +72,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, deterministic: bool = False,
                  eos_id: int | None = None, metrics: ServeMetrics | None = None, stats_interval: int = 1,
                  expert_window: int = 256, prefill_chunk: int = 64, mixed_prefill: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, on_step: Callable[[], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -152,6 +105,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
         self.steps = 0
+        self._on_step = on_step or (lambda: None)  # after each step: where a sink that buffers flushes
         self.failure: str | None = None  # why the engine can serve no more (an EngineProcess whose child died)
 
     def _expert_load(self, window: int) -> tuple[ExpertLoad | None, RouterTap | None]:
@@ -240,6 +194,7 @@ class Engine:
                     self._fail(seq, "internal error in the serving engine")
                 self._running, self._prefilling, self._batch = [], [], None
             self.steps += 1
+            self._on_step()
         with self._cond:
             left = [*self._waiting, *self._prefilling, *self._running]
             self._waiting.clear()
@@ -248,6 +203,7 @@ class Engine:
         self._running, self._prefilling = [], []
         if self._tap is not None:
             self._tap.remove()
+        self._on_step()
 
     def _reap(self, seq: Sequence) -> bool:
         if seq.aborted and not seq.done:
