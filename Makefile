@@ -22,7 +22,7 @@ setup: $(STAMP)
 # a finished one's summary and report), OVERWRITE=1 starts over
 DEMO_HINT = finish an interrupted demo (or redo a finished one's report) with \`make demo RESUME=1\`, start over with \`make demo OVERWRITE=1\`
 demo: $(STAMP)
-	MOEKIT_DEMO_HINT="$(DEMO_HINT)" $(BIN)/moekit train --compare $(if $(RESUME),--resume,--out) runs/compare $(if $(OVERWRITE),--overwrite)
+	MOEKIT_DEMO_HINT="$(DEMO_HINT)" $(BIN)/moekit train --compare --jobs 2 $(if $(RESUME),--resume,--out) runs/compare $(if $(OVERWRITE),--overwrite)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -41,3 +41,13 @@ def test_the_summary_prints_both_comparisons():
                                                                    "seconds": [120.0]}})
     assert "at equal steps: mean -0.0100; MoE lower in 1/1" in text
     assert "at equal wall time (the shorter run's 120 s): mean +0.0200; MoE lower in 0/1" in text
+    assert "MoE / dense tokens/s: 1.000 (trained one after the other)" in text
+
+
+def test_the_summary_says_how_the_pair_trained():
+    moe = {"final_val_loss": 3.0, "tokens_per_s": 930.0, "total_params": 2, "active_params": 1, "wall_s": 1.0,
+           "per_seed": [{"seed": 0, "final_val_loss": 3.0}]}
+    dense = moe | {"tokens_per_s": 1000.0}
+    text = format_summary({"steps": 10, "unigram_entropy": 6.0, "moe": moe, "dense": dense, "jobs": 2,
+                           "moe_minus_dense_val_loss": {"mean": 0.0, "per_seed": [0.0], "moe_wins": 0}})
+    assert "MoE / dense tokens/s: 0.930 (trained side by side, a process each)" in text

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "data, steps and seed (default off)")
     r.add_argument("--seeds", type=int, metavar="N", help="with --compare: seed pairs, from --seed up "
                    "(default 1)")
+    r.add_argument("--jobs", type=int, metavar="N", help="with --compare: 2 trains each seed's MoE and dense "
+                   "runs at the same time, in a process each, with half the cores' threads each unless --threads "
+                   "(default 1: one after the other)")
     r.add_argument("--init-from", metavar="PATH", help="start from the model of a moekit run directory or a "
                    "Hugging Face model directory: its architecture, weights and tokenizer.json; only "
                    "training-only model flags apply (default none)")
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if "resume" in given and "compare" in given:
-            return resume_compare(Path(given["resume"]), _overrides(given), _prepare_compare_data)
+            return resume_compare(Path(given["resume"]), _overrides(given), _prepare_compare_data,
+                                  given.get("jobs", 1))
         if "resume" in given and "init_from" not in given:
             return _resume(given, pcfg)
         return _new_run(ns, pcfg)
@@ -293,7 +297,7 @@ def _new_run(ns: argparse.Namespace, pcfg: ParallelConfig) -> int:
     print(f"data: {data.source} | {data.train_tokens:,} train / {data.val_tokens:,} val tokens | vocab "
           f"{data.vocab_size} | unigram entropy {data.unigram_entropy:.3f} nats", file=sys.stderr)
     if "compare" in given:
-        return run_compare(mcfg, tcfg, out, data, given.get("seeds", 1))
+        return run_compare(mcfg, tcfg, out, data, given.get("seeds", 1), jobs=given.get("jobs", 1))
     if "dense" in given:
         mcfg = dense_baseline(mcfg)
     init_state = None

@@ -30,6 +30,11 @@ def check_flags(given: dict[str, Any], model_dests: dict[str, str]) -> None:
         raise UsageError("--seeds N runs N MoE/dense pairs: it needs --compare")
     if "seeds" in given and given["seeds"] < 1:
         raise UsageError(f"--seeds {given['seeds']} must be >= 1")
+    if "jobs" in given and "compare" not in given:
+        raise UsageError("--jobs N trains a comparison's MoE and dense runs at the same time: it needs --compare")
+    if "jobs" in given and given["jobs"] not in (1, 2):
+        raise UsageError(f"--jobs {given['jobs']}: a comparison trains two runs per seed, so 1 (one after the "
+                         "other) or 2 (side by side)")
     if "from_step" in given and not resume:
         raise UsageError("--from-step S picks the checkpoint a --resume continues from: add --resume RUN")
     if "extend_schedule" in given and not resume:

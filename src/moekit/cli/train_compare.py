@@ -13,10 +13,10 @@ __all__ = ["resume_compare", "run_compare"]
 
 
 def run_compare(mcfg: ModelConfig, tcfg: TrainConfig, out: Path, data: Any, seeds: int, *,
-                resume: bool = False) -> int:
+                resume: bool = False, jobs: int = 1) -> int:
     from moekit.train.compare import compare, format_summary
 
-    summary = compare(mcfg, tcfg, out, data, seeds=seeds, resume=resume)
+    summary = compare(mcfg, tcfg, out, data, seeds=seeds, resume=resume, jobs=jobs)
     if summary.get("interrupted"):
         print(f"comparison interrupted; finish it with: moekit train --compare --resume {out}", file=sys.stderr)
         return 130
@@ -43,7 +43,7 @@ def _legacy_plan(out: Path) -> dict[str, Any]:
     return {"seeds": max(1, len(seed_dirs)), "train": tcfg.to_dict(), "done": {}}
 
 
-def resume_compare(out: Path, overrides: dict[str, Any], prepare) -> int:
+def resume_compare(out: Path, overrides: dict[str, Any], prepare, jobs: int = 1) -> int:
     """Finish the comparison in ``out``: each unfinished seed and side, then the summary and the report.
     ``prepare(out, tcfg)`` prepares the data as the new comparison did."""
     extra = sorted(k for k in overrides if k != "threads")
@@ -57,7 +57,7 @@ def resume_compare(out: Path, overrides: dict[str, Any], prepare) -> int:
         raise UsageError(f"--resume {out}: the comparison's first MoE run {first.path} has no config; "
                          "start over with --compare --overwrite")
     data = prepare(out, tcfg)
-    return run_compare(first.config(), tcfg, out, data, plan["seeds"], resume=True)
+    return run_compare(first.config(), tcfg, out, data, plan["seeds"], resume=True, jobs=jobs)
 
 
 def write_compare_report(out: Path, summary: dict) -> None:

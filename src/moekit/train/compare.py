@@ -1,6 +1,7 @@
 """MoE vs dense at equal active parameters: same data, steps and seed; summary.json and a table."""
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from moekit.config import ModelConfig, TrainConfig
 from moekit.data import DataInfo
 from moekit.rundir import SUMMARY_FILE, RunDir, atomic_write_json
 from moekit.train.loop import TrainResult, train
+from moekit.train.side_by_side import Job, train_side_by_side
 
 __all__ = ["compare", "dense_baseline", "format_summary", "step_reaching"]
 
@@ -90,13 +92,15 @@ def _plan(out_dir: Path, cfg: TrainConfig, seeds: int, resume: bool) -> dict[str
 
 
 def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataInfo, seeds: int = 1, *,
-            resume: bool = False) -> dict:
+            resume: bool = False, jobs: int = 1) -> dict:
     """Train MoE and dense for each seed; write out_dir/summary.json; return it.
 
     With one seed the runs are out_dir/moe and out_dir/dense; with several, out_dir/moe/seed{s} etc.
     ``resume`` finishes an interrupted comparison: runs recorded as done in compare.json are kept, an
     interrupted one resumes from its checkpoint, the rest start; the summary equals an uninterrupted one's
-    (wall times add up the sessions).
+    (wall times add up the sessions). ``jobs`` 2: a seed's two runs train at the same time, each in a
+    process of its own with ``cfg.threads`` (default: half the cores) intra-op threads
+    (:mod:`moekit.train.side_by_side`); 1: one after the other, in this process.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan(out_dir, cfg, seeds, resume)
@@ -104,26 +108,46 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
     runs: dict[str, list[dict[str, Any]]] = {"moe": [], "dense": []}
     for i in range(seeds):
         seed = cfg.seed + i
+        todo = []
         for name, mcfg in (("moe", model_cfg), ("dense", dense_baseline(model_cfg))):
             run_dir = out_dir / name if seeds == 1 else out_dir / name / f"seed{seed}"
-            key = str(run_dir.relative_to(out_dir))
-            if key not in plan["done"]:
-                run = RunDir(run_dir)
-                again = resume and run.has_checkpoint()
-                before = _elapsed_before(run) if again else 0.0
-                res = train(mcfg, cfg.replace(seed=seed), run_dir, data, resume=again, label=f"{name} seed {seed}")
-                if res.interrupted:  # SIGINT/SIGTERM: the run checkpointed; do not start the next one
-                    return {"interrupted": True, "run_dir": str(run_dir)}
-                plan["done"][key] = _summary(res) | {"seed": seed, "run_dir": str(run_dir), "wall_s": before + res.wall_s}
-                RunDir(out_dir).write_compare_plan(plan)
-            runs[name].append(plan["done"][key])
+            if str(run_dir.relative_to(out_dir)) not in plan["done"]:
+                again = resume and RunDir(run_dir).has_checkpoint()
+                todo.append(Job(mcfg, cfg.replace(seed=seed), run_dir, data, again, f"{name} seed {seed}"))
+        stopped = None
+        for job, res, before in _train_jobs(todo, jobs, cfg.threads):
+            if res.interrupted:  # SIGINT/SIGTERM: the run checkpointed; do not start the next one
+                stopped = stopped or {"interrupted": True, "run_dir": str(job.run_dir)}
+                continue
+            plan["done"][str(job.run_dir.relative_to(out_dir))] = _summary(res) | {
+                "seed": seed, "run_dir": str(job.run_dir), "wall_s": before + res.wall_s}
+            RunDir(out_dir).write_compare_plan(plan)
+        if stopped:
+            return stopped
+        for name in ("moe", "dense"):
+            runs[name].append(plan["done"][name if seeds == 1 else f"{name}/seed{seed}"])
         moe_curve = _val_curve(Path(runs["moe"][-1]["run_dir"]))
         runs["moe"][-1]["step_reaching_dense_final"] = step_reaching(moe_curve, runs["dense"][-1]["final_val_loss"])
         runs["moe"][-1]["equal_time"] = equal_time_difference(Path(runs["moe"][-1]["run_dir"]),
                                                               Path(runs["dense"][-1]["run_dir"]))
-    summary = _combine(runs, cfg, seeds, data)
+    summary = _combine(runs, cfg, seeds, data) | {"jobs": jobs}
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _train_jobs(todo: list[Job], jobs: int, threads: int | None):
+    """(job, TrainResult, seconds trained in earlier sessions) of each job: together when ``jobs`` > 1 and
+    there are two, else one after the other (a later one does not start after an interrupted one)."""
+    before = [_elapsed_before(RunDir(j.run_dir)) if j.resume else 0.0 for j in todo]
+    if jobs > 1 and len(todo) > 1:
+        per_job = threads or max(1, (os.cpu_count() or 1) // len(todo))
+        yield from zip(todo, train_side_by_side(todo, per_job), before)
+        return
+    for job, b in zip(todo, before):
+        res = train(job.model_cfg, job.cfg, job.run_dir, job.data, resume=job.resume, label=job.label)
+        yield job, res, b
+        if res.interrupted:
+            return
 
 
 def _combine(runs: dict[str, list[dict[str, Any]]], cfg: TrainConfig, seeds: int, data: DataInfo) -> dict:
@@ -164,6 +188,8 @@ def format_summary(summary: dict) -> str:
         ("wall time (s, mean)", f"{m['wall_s']:.0f}", f"{d['wall_s']:.0f}"),
     ]
     lines = [f"{'':26s} {'MoE':>14s} {'dense':>14s}"] + [f"{a:26s} {b:>14s} {c:>14s}" for a, b, c in rows]
+    how = "side by side, a process each" if summary.get("jobs", 1) > 1 else "one after the other"
+    lines.append(f"MoE / dense tokens/s: {m['tokens_per_s'] / d['tokens_per_s']:.3f} (trained {how})")
     for rm, rd in zip(m["per_seed"], d["per_seed"]):
         reach = rm.get("step_reaching_dense_final")
         lines.append(f"seed {rm['seed']}: val MoE {rm['final_val_loss']:.4f} vs dense {rd['final_val_loss']:.4f}"
