@@ -108,12 +108,11 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
     runs: dict[str, list[dict[str, Any]]] = {"moe": [], "dense": []}
     for i in range(seeds):
         seed = cfg.seed + i
-        todo = []
-        for name, mcfg in (("moe", model_cfg), ("dense", dense_baseline(model_cfg))):
-            run_dir = out_dir / name if seeds == 1 else out_dir / name / f"seed{seed}"
-            if str(run_dir.relative_to(out_dir)) not in plan["done"]:
-                again = resume and RunDir(run_dir).has_checkpoint()
-                todo.append(Job(mcfg, cfg.replace(seed=seed), run_dir, data, again, f"{name} seed {seed}"))
+        sides = {"moe": model_cfg, "dense": dense_baseline(model_cfg)}
+        key = {name: name if seeds == 1 else f"{name}/seed{seed}" for name in sides}  # run dir under out_dir
+        todo = [Job(mcfg, cfg.replace(seed=seed), out_dir / key[name], data,
+                    resume and RunDir(out_dir / key[name]).has_checkpoint(), f"{name} seed {seed}")
+                for name, mcfg in sides.items() if key[name] not in plan["done"]]
         stopped = None
         for job, res, before in _train_jobs(todo, jobs, cfg.threads):
             if res.interrupted:  # SIGINT/SIGTERM: the run checkpointed; do not start the next one
@@ -124,8 +123,8 @@ def compare(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path, data: DataI
             RunDir(out_dir).write_compare_plan(plan)
         if stopped:
             return stopped
-        for name in ("moe", "dense"):
-            runs[name].append(plan["done"][name if seeds == 1 else f"{name}/seed{seed}"])
+        for name in sides:
+            runs[name].append(plan["done"][key[name]])
         moe_curve = _val_curve(Path(runs["moe"][-1]["run_dir"]))
         runs["moe"][-1]["step_reaching_dense_final"] = step_reaching(moe_curve, runs["dense"][-1]["final_val_loss"])
         runs["moe"][-1]["equal_time"] = equal_time_difference(Path(runs["moe"][-1]["run_dir"]),
