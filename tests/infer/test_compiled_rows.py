@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.infer.compiled import DecodeRows, row_buckets
+from moekit.infer.rows import DecodeRows, row_buckets
 
 from .test_compiled import MODELS, V, _assert_same_choices, _model
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.nn.linear import Linear
+from moekit.ops.attention import traced_attention, traces_attention
 
-__all__ = ["RMSNorm", "Attention", "KVCache", "rope_cos_sin", "apply_rope", "build_attn_mask", "sink_attention"]
+__all__ = ["Attention", "KVCache", "RMSNorm", "apply_rope", "build_attn_mask", "rope_cos_sin", "sink_attention"]
 
 
 class RMSNorm(nn.Module):
@@ -199,10 +200,16 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, k, v)
         if mask is not None and mask.shape[-1] != k.shape[2]:
             mask = mask[..., -k.shape[2]:]  # the cache kept only the window's keys
-        if self.sinks is not None:
-            o = sink_attention(q, k, v, mask, self.sinks, self.scale)
-        else:
-            is_causal = mask is None and k.shape[2] == S
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        o = self.attend(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Attention (B, H, S, d) of queries q over keys and values (B, Hk, L, d); ``mask`` boolean
+        (broadcastable to (B, H, S, L)), None = causal over the last S keys."""
+        if traces_attention(q, k, mask):  # a compiled decode step: reductions the compiler fuses
+            return traced_attention(q, k, v, mask, self.scale, self.sinks)
+        if self.sinks is not None:
+            return sink_attention(q, k, v, mask, self.sinks, self.scale)
+        is_causal = mask is None and k.shape[2] == q.shape[2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.infer.compiled import CompiledDecoder, DecodeRows
+from moekit.infer.compiled import CompiledDecoder
+from moekit.infer.rows import DecodeRows
 
 __all__ = ["CompiledRows", "CompiledSteps"]
 
