@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.nn.linear import Linear
-from moekit.ops.attention import traced_attention, traces_attention
 
 __all__ = ["Attention", "KVCache", "RMSNorm", "apply_rope", "build_attn_mask", "rope_cos_sin", "sink_attention"]
 
@@ -206,8 +205,6 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention (B, H, S, d) of queries q over keys and values (B, Hk, L, d); ``mask`` boolean
         (broadcastable to (B, H, S, L)), None = causal over the last S keys."""
-        if traces_attention(q, k, mask):  # a compiled decode step: reductions the compiler fuses
-            return traced_attention(q, k, v, mask, self.scale, self.sinks)
         if self.sinks is not None:
             return sink_attention(q, k, v, mask, self.sinks, self.scale)
         is_causal = mask is None and k.shape[2] == q.shape[2]

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from moekit.config import MLAConfig
 from moekit.nn.attention import KVCache, RMSNorm, apply_rope
 from moekit.nn.linear import Linear
-from moekit.ops.attention import traced_attention, traces_attention
 
 __all__ = ["MultiHeadLatentAttention"]
 
@@ -81,10 +80,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_BHLk = torch.cat([k_nope, k_rot_B1Sp.expand(B, H, L, p)], dim=-1)
         q_BHSk = torch.cat([q_nope, q_rot], dim=-1)
         # 4. attention; value and q/k head dims may differ
-        if traces_attention(q_BHSk, k_BHLk, mask):  # a compiled decode step: reductions the compiler fuses
-            o = traced_attention(q_BHSk, k_BHLk, v_BHLv, mask, cfg.scale)
-        else:
-            is_causal = mask is None and L == S
-            o = F.scaled_dot_product_attention(q_BHSk, k_BHLk, v_BHLv, attn_mask=mask, is_causal=is_causal,
-                                               scale=cfg.scale)
+        is_causal = mask is None and L == S
+        o = F.scaled_dot_product_attention(
+            q_BHSk, k_BHLk, v_BHLv, attn_mask=mask, is_causal=is_causal, scale=cfg.scale
+        )
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H * dv))
