@@ -42,3 +42,22 @@ def test_a_compiled_server_gets_a_compiled_baseline(run_dir):
     assert per_token > 0 and dec.steps > 0  # generate() stepped through the compiled decoder
     info = {"generate_s_per_token_median": per_token, "generate_compiled": True}
     assert "in-process generate(compile=True):" in table("run", {}, info, None)
+
+
+def test_metrics_work_of_a_compiled_step_counts_nothing_on_the_host(monkeypatch):
+    """A compiled step's counts come out of its graph: the isolated metrics timing must not charge it the eager
+    path's bincounts, while the eager timing does run them."""
+    import torch
+
+    from moekit.bench.serve import metrics_work_per_step
+
+    calls = []
+    real = torch.bincount
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: calls.append(1) or real(*a, **k))
+    eager = metrics_work_per_step(4, 8, 2, 4, reps=50)
+    eager_calls = len(calls)
+    compiled = metrics_work_per_step(4, 8, 2, 4, reps=50, compiled=True)
+    # the graph's stand-in counts once per call (4 layers), then eagerly one per layer per step (50 + warm-up)
+    assert eager_calls == 4 + 4 * 51
+    assert len(calls) - eager_calls == 4
+    assert 0 < compiled and 0 < eager

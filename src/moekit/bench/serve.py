@@ -236,22 +236,32 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def metrics_work_per_step(n_layers: int, num_experts: int, top_k: int, batch: int, reps: int = 2000) -> float:
+def metrics_work_per_step(n_layers: int, num_experts: int, top_k: int, batch: int, reps: int = 2000,
+                          compiled: bool = False) -> float:
     """Seconds of metrics work one decode step of ``batch`` requests adds in the engine: counting the
-    routers' picks into the expert window (``RouterTap.take`` + ``ExpertLoad.add``) and one TTFT/ITL
-    observation and token count per request. Timed in isolation: an end-to-end A/B on a shared machine
-    cannot resolve 2%."""
+    routers' picks into the expert window and one TTFT/ITL observation and token count per request. Eagerly
+    the counting is ``RouterTap.take``'s bincounts + ``ExpertLoad.add``; a compiled step returns its (E,)
+    counts per layer from the graph (a scatter over B x K picks inside the step, left in the step's time),
+    so there only their stacking to the host and ``ExpertLoad.add`` are host work. Timed in isolation: an
+    end-to-end A/B on a shared machine cannot resolve 2%."""
     import torch
 
+    from moekit.serve.compiled_steps import _counts_LE
     from moekit.serve.metrics import ExpertLoad, ServeMetrics
 
     picks = {i: torch.randint(0, num_experts, (batch, top_k)) for i in range(n_layers)}
-    load, m = ExpertLoad(list(range(n_layers)), num_experts), ServeMetrics()
+    graph_counts = {i: torch.bincount(p.reshape(-1), minlength=num_experts) for i, p in picks.items()}
+    layers = list(range(n_layers))
+    load, m = ExpertLoad(layers, num_experts), ServeMetrics()
+
+    def counts_LE():
+        if compiled:
+            return _counts_LE(graph_counts, layers)
+        return torch.stack([torch.bincount(picks[i].reshape(-1), minlength=num_experts)[:num_experts]
+                            for i in layers]).numpy()
 
     def step():
-        counts = torch.stack([torch.bincount(picks[i].reshape(-1), minlength=num_experts)[:num_experts]
-                              for i in range(n_layers)])
-        load.add(counts.numpy())
+        load.add(counts_LE())
         for _ in range(batch):
             m.itl.observe(0.01)
             m.generation_tokens.inc()

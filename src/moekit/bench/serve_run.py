@@ -268,10 +268,11 @@ def run(args) -> int:
         print(table(path, res, info, srv.peak))
         moe = getattr(model.config, "moe", None)
         if moe is not None:
-            work = {c: metrics_work_per_step(model.config.n_layers, moe.num_experts, moe.top_k, min(c, args.max_batch))
+            work = {c: metrics_work_per_step(model.config.n_layers, moe.num_experts, moe.top_k, min(c, args.max_batch),
+                                             compiled=_compiled_server(args))
                     for c in levels}
             report["runs"][path]["metrics_work_per_step_s"] = work
-            print("metrics work per decode step (isolated): " + ", ".join(
+            print(f"metrics work per decode step ({'compiled' if _compiled_server(args) else 'eager'} step, isolated): " + ", ".join(
                 f"c={c}: {w * 1e6:.0f} us = {100 * w / res[c]['tpot_s']['median']:.2f}% of its TPOT"
                 for c, w in work.items() if res[c]["tpot_s"]["median"]))
         if args.metrics_cost:
