@@ -120,10 +120,16 @@ def _check_compilable(model: MoETransformer) -> None:
 
 
 class _Graphs:
-    """One function under ``torch.compile`` and the seconds spent compiling its graphs (first calls of a key)."""
+    """One function under ``torch.compile`` and the seconds spent compiling its graphs (first calls of a key).
 
-    def __init__(self, fn):
-        self._fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    On the CPU the graphs are built with inductor's C++ wrapper: the ~50 kernel calls of a step are made from
+    C++ with the interpreter lock released, not from a generated Python function (default LM, 1 thread: a
+    1-row step 0.47 -> 0.37 ms, a 4-row one 0.90 -> 0.81 ms, ``generate --compile`` 0.57 -> 0.45 ms a token,
+    two alternating runs each; compiling takes ~25% longer)."""
+
+    def __init__(self, fn, device: torch.device):
+        options = {"cpp_wrapper": True} if device.type == "cpu" else None
+        self._fn = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
         self._seen: set[tuple] = set()
         self.compile_s = 0.0
 
@@ -161,7 +167,7 @@ class CompiledDecoder:
         _check_compilable(model)
         self.model = model
         self.steps = 0  # steps decoded, warm-up included
-        self._graphs = _Graphs(decode_step)
+        self._graphs = _Graphs(decode_step, model.embed.weight.device)
 
     @property
     def compile_s(self) -> float:

@@ -110,8 +110,8 @@ class DecodeRows:
         self.n = 0
         self.staged = 0  # prompt tokens in the staging row
         self.steps = 0
-        self._graphs = _Graphs(rows_step)
-        self._chunk_graph = _Graphs(chunk_step)
+        self._graphs = _Graphs(rows_step, device)
+        self._chunk_graph = _Graphs(chunk_step, device)
 
     @property
     def compile_s(self) -> float:
