@@ -246,7 +246,7 @@ def metrics_work_per_step(n_layers: int, num_experts: int, top_k: int, batch: in
     end-to-end A/B on a shared machine cannot resolve 2%."""
     import torch
 
-    from moekit.serve.compiled_steps import _counts_LE
+    from moekit.serve.compiled_steps import counts_to_host
     from moekit.serve.metrics import ExpertLoad, ServeMetrics
 
     picks = {i: torch.randint(0, num_experts, (batch, top_k)) for i in range(n_layers)}
@@ -256,7 +256,7 @@ def metrics_work_per_step(n_layers: int, num_experts: int, top_k: int, batch: in
 
     def counts_LE():
         if compiled:
-            return _counts_LE(graph_counts, layers)
+            return counts_to_host(graph_counts, layers)
         return torch.stack([torch.bincount(picks[i].reshape(-1), minlength=num_experts)[:num_experts]
                             for i in layers]).numpy()
 

@@ -20,12 +20,14 @@ from torch import Tensor
 from moekit.infer.compiled import CompiledDecoder
 from moekit.infer.rows import DecodeRows
 
-__all__ = ["CompiledRows", "CompiledSteps"]
+__all__ = ["CompiledRows", "CompiledSteps", "counts_to_host"]
 
 Count = Callable[[np.ndarray | None], None]
 
 
-def _counts_LE(counts: dict[int, Tensor], layers: list[int] | None) -> np.ndarray | None:
+def counts_to_host(counts: dict[int, Tensor], layers: list[int] | None) -> np.ndarray | None:
+    """A compiled step's {MoE layer: (E,) counts} as the (L, E) host array the expert window takes (None
+    without layers): the only metrics work a compiled step leaves on the host, besides the window's add."""
     return None if not layers else torch.stack([counts[i] for i in layers]).numpy()
 
 
@@ -42,7 +44,7 @@ class CompiledSteps:
         if seq.state is None:
             seq.state, seq.cache = self.decoder.start(seq.cache, seq.cache.mask, self.max_seq_len), None
         logits_1V, counts = self.decoder.step(ids_11, seq.state)
-        count(_counts_LE(counts, layers))
+        count(counts_to_host(counts, layers))
         return logits_1V
 
 
@@ -70,7 +72,7 @@ class CompiledRows:
             self._staging = seq
         for i in range(0, len(ids), self.rows.chunk):
             logits_1V, counts = self.rows.stage(torch.tensor(ids[i:i + self.rows.chunk]))
-            count(_counts_LE(counts, layers))
+            count(counts_to_host(counts, layers))
         return logits_1V
 
     def step(self, seqs: list[Any], layers: list[int] | None, count: Count) -> dict[Any, Tensor]:
@@ -93,7 +95,7 @@ class CompiledRows:
                 self.members.append(seq)
         ids_n1 = torch.tensor([[s.pending] for s in self.members])
         logits_nV, counts = self.rows.step(ids_n1)
-        count(_counts_LE(counts, layers))
+        count(counts_to_host(counts, layers))
         return {seq: logits_nV[i:i + 1] for i, seq in enumerate(self.members)}
 
     def evict(self) -> None:
