@@ -52,7 +52,7 @@ def test_rows_join_and_leave(one_thread):
     joins the freed row: every row keeps decoding exactly what it decodes alone."""
     model = _model(seed=4)
     g = torch.Generator().manual_seed(3)
-    dec = DecodeRows(model, 3)
+    dec = DecodeRows(model, 4)  # three rows step in the 4-row bucket, one row of it padding
     seqs = {}  # name -> eager cache; order = the rows
 
     def step(order, n_steps):

@@ -12,6 +12,9 @@ from moekit.infer import generate
 from moekit.serve.engine import Engine, SamplingParams
 
 PROMPTS = ([5, 9, 11, 3, 8], [1, 2, 3], list(range(10, 24)))
+# every compiled-rows engine here has the same rows and chunk, so the buffers have the same shapes and the
+# engines after the first reuse its graphs (compiling them is most of this file's time)
+ROWS = {"max_batch": 4, "compile": True, "prefill_chunk": 4}
 
 
 def _run(eng: Engine, prompts, n_tokens: int, together: bool) -> list[list[int]]:
@@ -38,7 +41,7 @@ def _run(eng: Engine, prompts, n_tokens: int, together: bool) -> list[list[int]]
 
 def test_alone_requests_equal_generate_and_count_their_experts(model_tok):
     model, tok = model_tok
-    eng = Engine(model, tok, max_batch=4, compile=True).start()
+    eng = Engine(model, tok, **ROWS).start()
     try:
         assert eng.compile_s > 0
         outs = _run(eng, PROMPTS, 12, together=False)
@@ -78,7 +81,7 @@ def test_batched_requests_in_compiled_rows_agree_with_the_eager_engine(model_tok
         want = _run(eager, PROMPTS, 16, together=True)
     finally:
         eager.shutdown()
-    eng = Engine(model, tok, max_batch=4, compile=True).start()
+    eng = Engine(model, tok, **ROWS).start()
     try:
         got = _run(eng, PROMPTS, 16, together=True)
         counted = int(eng.experts.total_LE.sum())
@@ -95,7 +98,7 @@ def test_a_failed_compiled_step_is_retried_eagerly(model_tok, monkeypatch):
     """A compiled step that raises gives every row its cache back (copies) and the step runs eagerly row by
     row: no request fails, and the greedy outputs are still generate()'s; the rows serve the next steps."""
     model, tok = model_tok
-    eng = Engine(model, tok, max_batch=2, compile=True)
+    eng = Engine(model, tok, **ROWS)
     real_step, calls = eng._rows.rows.step, []
 
     def flaky(ids_n1):
@@ -121,7 +124,7 @@ def test_prompts_arriving_mid_decode_prefill_through_the_compiled_chunk(model_to
     14-token prompt in chunks of 4), then join the compiled batch: every output is generate()'s to rounding,
     and the counts are those of the real tokens (a chunk's padding is not counted)."""
     model, tok = model_tok
-    eng = Engine(model, tok, max_batch=4, compile=True, prefill_chunk=4)
+    eng = Engine(model, tok, **ROWS)
     staged, real_stage = [], eng._rows.rows.stage
 
     def counting_stage(ids):
@@ -165,3 +168,23 @@ def test_prompts_arriving_mid_decode_prefill_through_the_compiled_chunk(model_to
         assert sum(a == b for a, b in zip(outs[name], want)) >= 0.9 * n, name
     fed = len(PROMPTS[0]) + 59 + len(PROMPTS[2]) + 11 + len(PROMPTS[1]) + 11
     assert counted == fed * model.config.moe.top_k * len(eng.experts.layers)
+
+
+def test_one_row_compiles_no_prompt_chunk(model_tok, monkeypatch):
+    """With one row no prompt is admitted while another decodes, so the rows get no chunk graph to compile;
+    with more rows they get the engine's chunk."""
+    import moekit.serve.engine as engine_mod
+
+    model, tok = model_tok
+    made = []
+
+    class Recorded:
+        compile_s = 0.0
+
+        def __init__(self, model, max_batch, chunk=0):
+            made.append((max_batch, chunk))
+
+    monkeypatch.setattr(engine_mod, "CompiledRows", Recorded)
+    for rows in (1, 3):
+        Engine(model, tok, max_batch=rows, compile=True, prefill_chunk=8)
+    assert made == [(1, 0), (3, 8)]

@@ -98,8 +98,9 @@ class Engine:
         self._batch: tuple[list[Sequence], KVCache, list[int]] | None = None
         # compiled: each request alone (deterministic), or the whole batch (and chunked prompts) in static rows
         self._compiled = CompiledSteps(self.model, self.max_seq_len) if compile and deterministic else None
-        self._rows = CompiledRows(self.model, max_batch, max(prefill_chunk, 0)) if compile and not self._compiled \
-            else None
+        # one row: no prompt is ever admitted while another decodes, so no chunk graph to compile
+        chunk = max(prefill_chunk, 0) if max_batch > 1 else 0
+        self._rows = CompiledRows(self.model, max_batch, chunk) if compile and not self._compiled else None
         self.compile_s = next((c.compile_s for c in (self._compiled, self._rows) if c is not None), 0.0)
         self._next_id = self._forwards = 0
         self._stopping = False
