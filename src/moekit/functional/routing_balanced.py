@@ -5,22 +5,30 @@ Legend: T tokens, E experts, K top-k, V vocabulary.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from moekit.functional.routing import Routing
 
+# the host-side steps run behind torch.compiler.disable (one graph break each under torch.compile). The
+# decorator imports torch._dynamo (~1.2 s), so it is applied when a router that needs it is built
+# (host_steps()), not at import: every `moekit` command paid it at start-up (`moekit --help` 3.8 -> 2.2 s)
+_HOST_STEPS: dict[str, Callable[..., Tensor]] = {}
+
 __all__ = [
-    "SinkhornError",
     "BalancedAssignmentError",
+    "SinkhornError",
+    "balanced_assignment",
+    "balanced_hash_table",
+    "base_route",
+    "hash_route",
+    "hash_table",
+    "host_steps",
     "sinkhorn_log",
     "sinkhorn_route",
-    "balanced_assignment",
-    "base_route",
-    "hash_table",
-    "balanced_hash_table",
-    "hash_route",
 ]
 
 
@@ -57,7 +65,7 @@ def sinkhorn_log(logits_TE: Tensor, *, max_iter: int = 1000, tol: float = 1e-4) 
                         f"iterations (last column error {float(err):.3g}); raise the cap or the tolerance")
 
 
-@torch.compiler.disable  # the convergence test is a host decision per iteration: one graph break, not one each
+# the convergence test is a host decision per iteration: one graph break, not one each
 @torch.no_grad()
 def _sinkhorn_topk(logits_TE: Tensor, k: int, max_iter: int, tol: float) -> Tensor:
     return sinkhorn_log(logits_TE, max_iter=max_iter, tol=tol).topk(k, dim=-1).indices
@@ -70,7 +78,7 @@ def sinkhorn_route(logits_TE: Tensor, k: int, *, training: bool, max_iter: int =
     activation at the chosen experts: sigmoid(l) for k = 1, softmax(l) for k > 1 (not renormalised)."""
     act_TE = logits_TE.sigmoid() if k == 1 else logits_TE.softmax(dim=-1)
     if training:
-        indices_TK = _sinkhorn_topk(logits_TE.detach(), k, max_iter, tol)
+        indices_TK = _host_step("sinkhorn_topk")(logits_TE.detach(), k, max_iter, tol)
     else:
         indices_TK = act_TE.topk(k, dim=-1).indices
     return Routing(logits_TE, logits_TE.softmax(dim=-1), indices_TK, act_TE.gather(1, indices_TK))
@@ -123,7 +131,7 @@ def balanced_assignment(affinity_TE: np.ndarray) -> np.ndarray:
     return assign
 
 
-@torch.compiler.disable  # solved on the host in numpy: one graph break
+# solved on the host in numpy: one graph break
 def _balanced_indices(affinity_TE: Tensor) -> Tensor:
     expert_T = balanced_assignment(affinity_TE.to("cpu", torch.float64).numpy())
     return torch.from_numpy(expert_T).to(affinity_TE.device).unsqueeze(1)
@@ -133,10 +141,25 @@ def base_route(logits_TE: Tensor, *, training: bool) -> Routing:
     """BASE layers (Lewis et al. 2021): in training, the exact balanced assignment maximising the total
     affinity l (which carries no gradient); in eval, greedy top-1. Weight = sigmoid(l) at the choice."""
     if training:
-        indices_T1 = _balanced_indices(logits_TE.detach())
+        indices_T1 = _host_step("balanced_indices")(logits_TE.detach())
     else:
         indices_T1 = logits_TE.argmax(dim=-1, keepdim=True)
     return Routing(logits_TE, logits_TE.softmax(dim=-1), indices_T1, logits_TE.gather(1, indices_T1).sigmoid())
+
+
+def host_steps() -> None:
+    """Put the host-side steps of the sinkhorn and base routers behind ``torch.compiler.disable`` (once;
+    their routers call it when built). Until then they are still disabled at their first call, but a first
+    call inside a graph being traced would cost extra graph breaks there."""
+    if not _HOST_STEPS:
+        _HOST_STEPS.update(sinkhorn_topk=torch.compiler.disable(_sinkhorn_topk),
+                           balanced_indices=torch.compiler.disable(_balanced_indices))
+
+
+def _host_step(name: str) -> Callable[..., Tensor]:
+    if not _HOST_STEPS:
+        host_steps()
+    return _HOST_STEPS[name]
 
 
 def hash_table(vocab_size: int, num_experts: int, seed: int) -> Tensor:

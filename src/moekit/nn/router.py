@@ -57,6 +57,8 @@ class Router(nn.Module):
         self.register_buffer("relu_l1", torch.tensor(cfg.relu_l1_init, dtype=torch.float32)
                              if cfg.router == "relu" else None)
         self.register_buffer("hash_table", None)
+        if cfg.router in ("sinkhorn", "base"):
+            RB.host_steps()
         if cfg.router == "hash":
             if cfg.hash_vocab_size is None:
                 raise ValueError("router='hash' needs hash_vocab_size (the table's length; a ModelConfig "
