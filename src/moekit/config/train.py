@@ -16,7 +16,7 @@ class TrainConfig(ConfigBase):
 
     kind = "training"
 
-    steps: int = setting(1500, "optimizer steps to train for")
+    steps: int = setting(3000, "optimizer steps to train for")
     batch_size: int = setting(16, "sequences per step")
     seq_len: int = setting(128, "tokens per sequence")
     lr: float = setting(3e-3, "peak learning rate (AdamW)")
