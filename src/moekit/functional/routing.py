@@ -73,13 +73,16 @@ def pick_topk(scores_TE: Tensor, k: int, picks_TK: Tensor | None = None) -> tupl
     return scores_TE.gather(1, picks_TK), picks_TK
 
 
-def topk_route(logits_TE: Tensor, k: int, *, normalize: bool, picks_TK: Tensor | None = None) -> Routing:
+def topk_route(logits_TE: Tensor, k: int, *, normalize: bool, picks_TK: Tensor | None = None,
+               probs_TE: Tensor | None = None) -> Routing:
     """Softmax top-k (Mixtral, GShard; Switch is k=1, normalize=False).
 
     weights = the k largest p = softmax(l), renormalised to sum 1 when ``normalize``.
-    ``picks_TK``: replay these choices (:func:`pick_topk`).
+    ``picks_TK``: replay these choices (:func:`pick_topk`). ``probs_TE``: softmax(l) when the caller
+    computed it with a faster kernel (``moekit.ops.softmax``).
     """
-    probs_TE = logits_TE.softmax(dim=-1)
+    if probs_TE is None:
+        probs_TE = logits_TE.softmax(dim=-1)
     weights_TK, indices_TK = pick_topk(probs_TE, k, picks_TK)  # sorted: rank order
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)

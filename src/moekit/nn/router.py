@@ -15,6 +15,7 @@ from moekit.functional import routing_dynamic as RD
 from moekit.functional import routing_extra as RX
 from moekit.functional import routing_sparsemixer as RS
 from moekit.nn.init import init_weights_
+from moekit.ops.softmax import router_softmax
 
 __all__ = ["Router"]
 
@@ -102,7 +103,7 @@ class Router(nn.Module):
                                        normalize=cfg.norm_topk, picks_TK=picks_TK)
         if cfg.router in ("topk", "switch"):
             return R.topk_route(logits_TE, cfg.top_k, normalize=cfg.norm_topk and cfg.router == "topk",
-                                picks_TK=picks_TK)
+                                picks_TK=picks_TK, probs_TE=router_softmax(logits_TE))
         if cfg.router == "noisy_topk":
             std_TE = F.softplus(x32_TD @ self.w_noise.to(rdtype).t()) if self.training else None
             return R.noisy_topk_route(logits_TE, std_TE, cfg.top_k, generator, picks_TK=picks_TK)
