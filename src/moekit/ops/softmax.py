@@ -4,8 +4,8 @@ Why: aten's CPU softmax vectorises along the last dimension; below one vector of
 AVX-512) it falls to a slow path. Measured at 2,048 rows, 1 thread: 321 us forward for 8 experts
 against 71 us for 16, and 530 against 168 with the backward. The same maths as four whole-tensor
 kernels (max, exp, sum, divide) take ~100 us, and the backward p * (g - <g, p>) three more. Above
-the threshold, off the CPU and inside a compiled graph (where inductor fuses its own), aten's
-kernel is used.
+the threshold, for a few rows (decode steps), off the CPU and inside a compiled graph (where inductor
+fuses its own), aten's kernel is used.
 """
 from __future__ import annotations
 
